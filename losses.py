@@ -1,0 +1,52 @@
+"""The three distillation loss terms of DistilBERT, one pure function each.
+
+Sanh et al. 2019, section 2 "Knowledge distillation", paragraph "Training loss": the student is
+trained on a linear combination of the distillation loss L_ce over the teacher's soft targets, the
+masked language modelling loss L_mlm, and a cosine embedding loss L_cos aligning hidden states
+(defaults 5.0 * L_ce + 2.0 * L_mlm + 1.0 * L_cos, as the reference train.py). The formulas follow
+the reference distiller.py. Every term is computed in float32, even under bfloat16 autocast.
+
+Used by `python tinydistil.py pretrain`; tested by `python -m pytest -q test_data.py`.
+"""
+import torch.nn.functional as F
+
+
+def L_ce(s_logits, t_logits, temperature=2.0):
+    """Distillation loss over N token rows, (N, V) logits each, with temperature T:
+
+        L_ce = T^2 * (1/N) * sum_i sum_v p_iv * (log p_iv - log q_iv)
+        p = softmax(t_logits / T),  q = softmax(s_logits / T)
+
+    i.e. KL(p || q) with reduction batchmean; T^2 keeps the gradient scale independent of T
+    (Hinton et al. 2015). The caller passes every non-pad token, masked or not.
+    """
+    T = temperature
+    log_q = F.log_softmax(s_logits.float() / T, dim=-1)
+    p = F.softmax(t_logits.float() / T, dim=-1)
+    return F.kl_div(log_q, p, reduction="batchmean") * T ** 2
+
+
+def L_mlm(s_logits, labels):
+    """Masked language modelling loss: mean over the positions with labels != -100 of
+
+        -log softmax(s_logits)[label]
+
+    s_logits (..., V), labels (...) with -100 where nothing is predicted.
+    """
+    return F.cross_entropy(s_logits.float().reshape(-1, s_logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+def L_cos(s_hidden, t_hidden):
+    """Cosine embedding loss between student and teacher hidden states, N rows of (N, H):
+
+        L_cos = (1/N) * sum_i (1 - <s_i, t_i> / (|s_i| |t_i|))
+
+    the reference's CosineEmbeddingLoss with target +1 and reduction mean.
+    """
+    s, t = s_hidden.float(), t_hidden.float()
+    return F.cosine_embedding_loss(s, t, s.new_ones(s.size(0)))
+
+
+def total_loss(terms, weights):
+    """sum_k weights[k] * terms[k] over the terms given; e.g. weights {"ce": 5.0, "mlm": 2.0, "cos": 1.0}."""
+    return sum(weights[k] * v for k, v in terms.items())
