@@ -262,7 +262,9 @@ class BERT(nn.Module):
         return table
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, revision: str = "main") -> "BERT":
+    def from_pretrained(cls, name_or_dir: str, revision: str = "main", return_unused=False):
+        """A Hub repo id or local folder -> BERT. With return_unused, tensors the encoder does not use
+        (a fine-tuned task head) come back as (model, {name: tensor}) instead of being an error."""
         folder = Path(name_or_dir)
         if not folder.is_dir():
             try:
@@ -285,11 +287,11 @@ class BERT(nn.Module):
                                                           "pooler.dense.weight")
         cfg.mlm_head = present("cls.predictions.transform.dense.weight", "vocab_transform.weight")
         model = cls(cfg)
-        model._load_hf_tensors(tensors, st_path)
+        unused = model._load_hf_tensors(tensors, st_path, return_unused)
         model.source_dir = folder
-        return model.eval()
+        return (model.eval(), unused) if return_unused else model.eval()
 
-    def _load_hf_tensors(self, tensors: dict, path):
+    def _load_hf_tensors(self, tensors: dict, path, return_unused=False):
         used = set()
         params = dict(self.named_parameters())
         layer_norms = {n for n, m in self.named_modules() if isinstance(m, nn.LayerNorm)}
@@ -313,6 +315,8 @@ class BERT(nn.Module):
                 params[ours].copy_(t.float())
             used.update(found)
         unused = sorted(k for k in tensors if k not in used and k not in IGNORED)
+        if return_unused:
+            return {k: tensors[k] for k in unused}
         if unused:
             raise UserError(f"{path}: tensor {unused[0]!r} is not used by a {self.config.model_type} "
                             f"model ({len(unused)} unused in all): is this the right checkpoint?")

@@ -218,3 +218,10 @@ def test_logits_only_where_asked():
     keep = ref["attention_mask"].bool()
     rows = model.mlm_logits(out.hidden_states[-1][keep])  # the pretraining loop's path
     assert (rows - ref["logits"][keep]).abs().max() < 1e-4
+
+
+def test_return_unused_hands_back_task_heads(tmp_path):
+    folder = copy_checkpoint(tmp_path)
+    rewrite(folder, lambda t: t.update({"classifier.weight": torch.ones(2, 32)}))
+    model, unused = BERT.from_pretrained(str(folder), return_unused=True)
+    assert set(unused) == {"classifier.weight"} and unused["classifier.weight"].sum() == 64
