@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import struct
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -59,38 +59,27 @@ class BertConfig:
     def from_hf(d: dict) -> "BertConfig":
         """From a Hugging Face config.json of model_type bert or distilbert (old and new spellings)."""
         mt = d.get("model_type")
-        try:
-            if mt == "bert":
-                act, tied = d.get("hidden_act", "gelu"), d.get("tie_word_embeddings", True)
-                if d.get("position_embedding_type", "absolute") != "absolute":
-                    raise UserError(f"config.json: position_embedding_type "
-                                    f"{d['position_embedding_type']!r} is not supported (absolute only)")
-                cfg = BertConfig("bert", d["vocab_size"], d["hidden_size"], d["num_hidden_layers"],
-                                 d["num_attention_heads"], d["intermediate_size"],
-                                 d["max_position_embeddings"], d["type_vocab_size"],
-                                 d.get("layer_norm_eps", 1e-12), d.get("pad_token_id", 0) or 0,
-                                 dropout=d.get("hidden_dropout_prob", 0.1),
-                                 attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
-                                 initializer_range=d.get("initializer_range", 0.02))
-            elif mt == "distilbert":
-                act = d.get("activation", "gelu")
-                tied = d.get("tie_word_embeddings", d.get("tie_weights_", True))
-                # DistilBERT hard-codes eps 1e-12 in its LayerNorms; there is no config field.
-                cfg = BertConfig("distilbert", d["vocab_size"], d["dim"], d["n_layers"], d["n_heads"],
-                                 d["hidden_dim"], d["max_position_embeddings"], 0, 1e-12,
-                                 d.get("pad_token_id", 0) or 0, pooler=False,
-                                 dropout=d.get("dropout", 0.1),
-                                 attention_dropout=d.get("attention_dropout", 0.1),
-                                 initializer_range=d.get("initializer_range", 0.02))
-            else:
-                raise UserError(f"config.json: unsupported model_type {mt!r}; tinydistil reads "
-                                f"'bert' and 'distilbert' checkpoints")
-        except KeyError as e:
-            raise UserError(f"config.json of model_type {mt!r} lacks the field {e.args[0]!r}") from None
+        if mt not in ("bert", "distilbert"):
+            raise UserError(f"config.json: unsupported model_type {mt!r}; tinydistil reads 'bert' and "
+                            f"'distilbert' checkpoints")
+        col, defaults = (0, BertConfig()) if mt == "bert" else (1, BertConfig.preset("distilbert-base-uncased"))
+        kw = {}
+        for ours, names in HF_CONFIG_NAMES.items():
+            if names[col] is None:
+                continue
+            if names[col] not in d and ours in REQUIRED_CONFIG:
+                raise UserError(f"config.json of model_type {mt!r} lacks the field {names[col]!r}")
+            kw[ours] = d.get(names[col], getattr(defaults, ours))
+        cfg = replace(defaults, **{**kw, "pad_token_id": kw["pad_token_id"] or 0})  # null in some files
+        act = d.get("hidden_act" if mt == "bert" else "activation", "gelu")
+        tied = d.get("tie_word_embeddings", d.get("tie_weights_", True))
         if act != "gelu":
             raise UserError(f"config.json: activation {act!r} is not supported (exact erf 'gelu' only)")
         if not tied:
             raise UserError("config.json: untied input/output embeddings are not supported")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise UserError(f"config.json: position_embedding_type {d['position_embedding_type']!r} is "
+                            f"not supported (absolute only)")
         if cfg.hidden_size % cfg.n_head:
             raise UserError(f"config.json: hidden size {cfg.hidden_size} is not a multiple of "
                             f"{cfg.n_head} heads")
@@ -98,26 +87,35 @@ class BertConfig:
 
     def to_hf(self) -> dict:
         """config.json for BertForMaskedLM / DistilBertForMaskedLM (or BertModel without a head)."""
-        c = self
-        if c.model_type == "distilbert":
-            return {"architectures": ["DistilBertForMaskedLM"], "model_type": "distilbert",
-                    "vocab_size": c.vocab_size, "dim": c.hidden_size, "n_layers": c.n_layer,
-                    "n_heads": c.n_head, "hidden_dim": c.intermediate_size, "activation": "gelu",
-                    "max_position_embeddings": c.max_position_embeddings, "dropout": c.dropout,
-                    "attention_dropout": c.attention_dropout, "sinusoidal_pos_embds": False,
-                    "pad_token_id": c.pad_token_id, "initializer_range": c.initializer_range,
-                    "qa_dropout": 0.1, "seq_classif_dropout": 0.2, "tie_weights_": True,
-                    "tie_word_embeddings": True, "torch_dtype": "float32"}
-        return {"architectures": ["BertForMaskedLM" if c.mlm_head else "BertModel"],
-                "model_type": "bert", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-                "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-                "intermediate_size": c.intermediate_size, "hidden_act": "gelu",
-                "max_position_embeddings": c.max_position_embeddings,
-                "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.layer_norm_eps,
-                "pad_token_id": c.pad_token_id, "hidden_dropout_prob": c.dropout,
-                "attention_probs_dropout_prob": c.attention_dropout,
-                "initializer_range": c.initializer_range, "position_embedding_type": "absolute",
+        col = 0 if self.model_type == "bert" else 1
+        d = {names[col]: getattr(self, ours) for ours, names in HF_CONFIG_NAMES.items() if names[col]}
+        if col == 0:
+            arch = "BertForMaskedLM" if self.mlm_head else "BertModel"
+            d.update(hidden_act="gelu", position_embedding_type="absolute")
+        else:  # DistilBERT's own fields, with the values the student really has
+            arch = "DistilBertForMaskedLM"
+            d.update(activation="gelu", sinusoidal_pos_embds=False, qa_dropout=0.1,
+                     seq_classif_dropout=0.2, tie_weights_=True)
+        return {"architectures": [arch], "model_type": self.model_type, **d,
                 "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+HF_CONFIG_NAMES = {  # our field -> its config.json name in (BERT, DistilBERT); None: no such field
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "hidden_size": ("hidden_size", "dim"),
+    "n_layer": ("num_hidden_layers", "n_layers"),
+    "n_head": ("num_attention_heads", "n_heads"),
+    "intermediate_size": ("intermediate_size", "hidden_dim"),
+    "max_position_embeddings": ("max_position_embeddings", "max_position_embeddings"),
+    "type_vocab_size": ("type_vocab_size", None),
+    "layer_norm_eps": ("layer_norm_eps", None),  # DistilBERT hard-codes 1e-12
+    "pad_token_id": ("pad_token_id", "pad_token_id"),
+    "dropout": ("hidden_dropout_prob", "dropout"),
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout"),
+    "initializer_range": ("initializer_range", "initializer_range"),
+}
+REQUIRED_CONFIG = {"vocab_size", "hidden_size", "n_layer", "n_head", "intermediate_size",
+                   "max_position_embeddings", "type_vocab_size"}
 
 
 # ----------------------------------------------------------------------------- the network
@@ -358,6 +356,7 @@ ENCODER_PREFIXES = ("bert.", "distilbert.")  # absent in files saved from a bare
 def _unprefixed(key: str) -> str:
     prefix = next((p for p in ENCODER_PREFIXES if key.startswith(p)), "")
     return key[len(prefix):]
+
 
 IGNORED = {  # tensors real checkpoints carry that this model has no use for
     "embeddings.position_ids", "bert.embeddings.position_ids",  # a saved arange buffer, not a weight

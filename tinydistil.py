@@ -136,14 +136,14 @@ def sync(device):
 
 
 def step_flops(teacher_cfg, student_cfg, n_tokens, seq_len, ce: bool):
-    """Model FLOPs of one step: 2 per multiply-add, forward only for the teacher, forward + backward
-    (3x) for the student; matmul weights plus attention's two (T x T) products; the teacher's head
-    and the student's head only run on the rows the losses read."""
-    def per_token(c, head):
+    """Model FLOPs of one step as (teacher, student): 2 per multiply-add; forward only for the
+    teacher, forward + backward (3x) for the student; matmul weights plus attention's two (T x T)
+    products; the vocabulary head only when L_ce needs it on every row."""
+    def per_token(c):
         H, I = c.hidden_size, c.intermediate_size
         layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq_len * H
-        return c.n_layer * layer + (2 * (H * H + H * c.vocab_size) if head else 0)
-    return n_tokens * (per_token(teacher_cfg, ce) + 3 * per_token(student_cfg, ce))
+        return c.n_layer * layer + (2 * (H * H + H * c.vocab_size) if ce else 0)
+    return n_tokens * per_token(teacher_cfg), 3 * n_tokens * per_token(student_cfg)
 
 
 def pretrain(cfg: PretrainConfig):
@@ -246,7 +246,7 @@ def pretrain(cfg: PretrainConfig):
     weights = {"ce": cfg.alpha_ce, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos}
     stream = batches.stream(epoch, position)
     log_path = out / "train_log.jsonl"
-    t0, tokens, flops = time.perf_counter(), 0, 0.0
+    t0, tokens, busy = time.perf_counter(), 0, 0.0  # busy: seconds the work would take at peak
     while step < total_steps:
         sums = {k: 0.0 for k in ("loss", "ce", "mlm", "cos")}
         for micro in range(cfg.grad_accum):
@@ -264,7 +264,9 @@ def pretrain(cfg: PretrainConfig):
             with torch.no_grad(), torch.autocast(device.type, t_dtype, enabled=t_dtype != torch.float32):
                 t_h = teacher(input_ids, attention_mask, logits=False).hidden_states[-1][keep]  # (N, H)
                 t_logits = teacher.mlm_logits(t_h) if cfg.alpha_ce > 0 else None
-            rows = (slice(None) if cfg.alpha_ce > 0 else labels != -100) if cfg.alpha_ce + cfg.alpha_mlm > 0 else None
+            sel = labels != -100  # the MLM's predicted positions, about 15% of the rows
+            # L_ce needs logits on every row; L_mlm alone only on the predicted ones.
+            rows = (slice(None) if cfg.alpha_ce > 0 else sel) if cfg.alpha_ce + cfg.alpha_mlm > 0 else None
             sync_now = not ddp or micro == cfg.grad_accum - 1
             ctx = model.no_sync() if not sync_now else torch.enable_grad()
             with ctx:
@@ -274,7 +276,7 @@ def pretrain(cfg: PretrainConfig):
                 if cfg.alpha_ce > 0:
                     terms["ce"] = L_ce(s_logits, t_logits.float(), cfg.temperature)
                 if cfg.alpha_mlm > 0:
-                    terms["mlm"] = L_mlm(s_logits, labels[rows])
+                    terms["mlm"] = L_mlm(s_logits[sel] if cfg.alpha_ce > 0 else s_logits, labels[sel])
                 if cfg.alpha_cos > 0:
                     terms["cos"] = L_cos(s_h, t_h.float())
                 loss = total_loss(terms, weights)
@@ -284,7 +286,8 @@ def pretrain(cfg: PretrainConfig):
             sums["loss"] += loss.item() / cfg.grad_accum
             n = int(keep.sum())
             tokens += n * world
-            flops += step_flops(teacher.config, student.config, n, input_ids.shape[1], cfg.alpha_ce > 0) * world
+            f_t, f_s = step_flops(teacher.config, student.config, n, input_ids.shape[1], cfg.alpha_ce > 0)
+            busy += f_t / peaks[t_dtype] + f_s / peaks[s_dtype]
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
@@ -295,7 +298,7 @@ def pretrain(cfg: PretrainConfig):
             sync(device)
             dt = time.perf_counter() - t0
             n_steps = step % cfg.log_every or cfg.log_every
-            mfu = flops / dt / (peaks[s_dtype] * world)
+            mfu = busy / dt  # each process measured its own peak, so no factor of world
             rec = {"step": step, "loss": sums["loss"], "loss_ce": sums["ce"], "loss_mlm": sums["mlm"],
                    "loss_cos": sums["cos"], "lr": lr_at(step - 1), "grad_norm": grad_norm,
                    "ms": 1000 * dt / n_steps, "tokens_per_s": tokens / dt, "mfu": mfu}
@@ -307,7 +310,7 @@ def pretrain(cfg: PretrainConfig):
                 out.mkdir(parents=True, exist_ok=True)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-            t0, tokens, flops = time.perf_counter(), 0, 0.0
+            t0, tokens, busy = time.perf_counter(), 0, 0.0
         if not cfg.benchmark and (step % cfg.save_every == 0 or step == total_steps):
             t_save = time.perf_counter()
             save_checkpoint(cfg, out, student, opt, step, (epoch, i + 1), gen, ddp, master, world)

@@ -1,7 +1,6 @@
 """report.py: the paper's Tables 1 and 2 in markdown, its published rows beside ours from a results file.
 
-    python tinydistil.py report                          # the CLI's report command renders this
-    python -m tasks.report results.jsonl --teacher bert-base-uncased
+    python tinydistil.py report --results results.jsonl --teacher bert-base-uncased
 
 The results file has one JSON object per line, {"task", "model", "metrics", "seconds", "config"}, appended by
 each `eval` run; for every (model, task) the last line counts. Table 1 shows each GLUE task's score as the
@@ -12,9 +11,7 @@ The teacher is the model named by --teacher, by default the one named bert-base-
 Paper: Sanh et al. 2019 (arXiv 1910.01108v4), section 4 and 4.1, Tables 1 and 2.
 """
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from hub import UserError
@@ -116,19 +113,3 @@ def render(results_path, teacher=None):
         "fine-tuning on SQuAD." + (f" Retention is relative to the teacher {teacher}." if teacher else
                                    " No teacher in the results, so no retention rows (see --teacher)."),
     ]) + "\n"
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Render Tables 1 and 2 from a results file.")
-    parser.add_argument("results", nargs="?", default="results.jsonl")
-    parser.add_argument("--teacher", help=f"model the retention rows divide by (default {DEFAULT_TEACHER})")
-    args = parser.parse_args(argv)
-    try:
-        print(render(args.results, args.teacher), end="")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
