@@ -225,7 +225,8 @@ def pretrain(cfg: PretrainConfig):
     no_decay = [p for p in student.parameters() if p.dim() < 2]  # biases and LayerNorm
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                            fused=True)  # one kernel over all tensors: on CPU the default loops, 8x slower
     warmup = math.ceil(cfg.warmup * total_steps)
     lr_at = lambda s: cfg.lr * (s / warmup if s < warmup else
                                 max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
