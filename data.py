@@ -6,7 +6,7 @@ the reference code (transformers examples/research_projects/distillation): scrip
 and lm_seqs_dataset.py build the sequences, token_counts.py and train.py the `mlm_smoothing` token
 probabilities, grouped_batch_sampler.py the batches and distiller.py `prepare_batch_mlm` the masking.
 
-Used by `python tinydistil.py pretrain`; the tests are `python -m pytest -q test_data.py`.
+Used by `python tinydistil.py pretrain`; the tests are `python -m pytest -q test_all.py`.
 
     tok = load_tokenizer(teacher_folder)
     seqs = load_corpus("wikitext-2-raw", tok, data_dir(args.data_dir), data_fraction=0.1, seq_len=128)

@@ -6,7 +6,7 @@ masked language modelling loss L_mlm, and a cosine embedding loss L_cos aligning
 (defaults 5.0 * L_ce + 2.0 * L_mlm + 1.0 * L_cos, as the reference train.py). The formulas follow
 the reference distiller.py. Every term is computed in float32, even under bfloat16 autocast.
 
-Used by `python tinydistil.py pretrain`; tested by `python -m pytest -q test_data.py`.
+Used by `python tinydistil.py pretrain`; tested by `python -m pytest -q test_all.py`.
 """
 import torch.nn.functional as F
 

@@ -320,7 +320,8 @@ def pretrain(cfg: PretrainConfig):
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cuda_mem = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0
         say(f"peak memory: {rss:.0f} MiB resident" + (f", {cuda_mem:.0f} MiB CUDA" if cuda_mem else ""))
-    if ddp:
+    if ddp:  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return student
 
