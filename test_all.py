@@ -1011,6 +1011,21 @@ def test_L_ce_float32_under_bfloat16_inputs():
     assert out.item() == pytest.approx(L_ce(s.float(), t.float()).item())
 
 
+def test_L_ce_gradient_matches_autograd_through_kl_div():
+    # 150 rows: more than two chunks, the last one partial; bfloat16 student logits as under autocast
+    s = (3 * torch.randn(150, 37)).requires_grad_()
+    t = 3 * torch.randn(150, 37)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = s.detach().to(dtype).requires_grad_()
+        (2.5 * L_ce(x, t, temperature=2.0)).backward()
+        y = s.detach().to(dtype).float().requires_grad_()
+        ref = F.kl_div(F.log_softmax(y / 2, -1), F.softmax(t / 2, -1), reduction="batchmean") * 4
+        (2.5 * ref).backward()
+        assert L_ce(x, t).item() == pytest.approx(ref.item(), rel=1e-5)
+        assert x.grad.dtype == dtype
+        assert (x.grad.float() - y.grad).abs().max() < (1e-6 if dtype == torch.float32 else 1e-4)
+
+
 def test_L_mlm_by_hand():
     logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]], [[5.0, -5.0], [0.0, math.log(4.0)]]])
     labels = torch.tensor([[0, -100], [-100, 1]])

@@ -275,7 +275,7 @@ def pretrain(cfg: PretrainConfig):
                     s_logits, s_h = model(input_ids, attention_mask, keep, rows)
                 terms = {}
                 if cfg.alpha_ce > 0:
-                    terms["ce"] = L_ce(s_logits, t_logits.float(), cfg.temperature)
+                    terms["ce"] = L_ce(s_logits, t_logits, cfg.temperature)
                 if cfg.alpha_mlm > 0:
                     terms["mlm"] = L_mlm(s_logits[sel] if cfg.alpha_ce > 0 else s_logits, labels[sel])
                 if cfg.alpha_cos > 0:
