@@ -5,12 +5,11 @@ from_pretrained / save_pretrained in the Hugging Face layout.
     m = BERT.from_pretrained("bert-base-uncased")      # Hub repo id, or a local folder
     out = m(input_ids, attention_mask)                 # out.hidden_states, out.logits, out.pooler_output
 
-One class covers both architectures of the paper (section 2, "DistilBERT: a distilled version of
-BERT"): the teacher is BERT-base (token-type embeddings, pooler, 12 layers); the student has the same
-blocks but "the token-type embeddings and the pooler are removed and the number of layers is reduced
-by a factor of 2". Both are post-LN Transformer encoders with exact (erf) GELU and the MLM head whose
-decoder is tied to the word embeddings. Module names follow DistilBERT's checkpoint (`q_lin`,
-`ffn.lin1`, ...); BERT checkpoints are read through the explicit table BERT_LAYER_NAMES below.
+Paper section 2: the teacher is BERT-base (token-type embeddings, pooler, 12 layers); the student has
+the same post-LN blocks (exact erf GELU) but "the token-type embeddings and the pooler are removed and
+the number of layers is reduced by a factor of 2". Both have the MLM head whose decoder is tied to the
+word embeddings. Module names follow DistilBERT's checkpoint (`q_lin`, `ffn.lin1`, ...); BERT's are
+mapped by the explicit table BERT_LAYER_NAMES.
 """
 import json
 import math
@@ -208,12 +207,12 @@ class BERT(nn.Module):
         if cfg.mlm_head:  # tied: the decoder is the word embedding matrix, only its bias is its own
             self.vocab_projector.weight = self.embeddings.word_embeddings.weight
 
-    def _init_weights(self, m):
+    def _init_weights(self, m):  # as the reference: N(0, 0.02) weights, zero biases and pad row
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=self.config.initializer_range)
         if isinstance(m, nn.Linear):
             nn.init.zeros_(m.bias)
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+        elif isinstance(m, nn.Embedding) and m.padding_idx is not None:
             nn.init.zeros_(m.weight[m.padding_idx])
 
     def mlm_logits(self, h):
