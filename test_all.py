@@ -1142,6 +1142,21 @@ def test_out_dir_guards(tmp_path, corpus):
     assert state["step"] == 6
     with pytest.raises(UserError, match="--batch-size 8 not 4"):
         pretrain(pretrain_config(tmp_path, corpus, resume=True, batch_size=4))
+    # the step count sets the lr schedule, so it must match too
+    with pytest.raises(UserError, match="--max-steps 6 not 12"):
+        pretrain(pretrain_config(tmp_path, corpus, resume=True, max_steps=12))
+    assert state["teacher_dtype"] in ("float32", "bfloat16")  # "auto" is resolved once and kept
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"grad_accum": 0}, "at least 1"),
+    ({"log_every": 0}, "at least 1"),
+    ({"seq_len": 100}, "--seq-len 100: the teacher has only 64 positions"),
+])
+def test_pretrain_rejects_bad_settings(tmp_path, corpus, bad, match):
+    with pytest.raises(UserError, match=match):
+        pretrain(pretrain_config(tmp_path, corpus, **bad))
+    assert not (tmp_path / "out").exists()
 
 
 def final_weights(out):

@@ -85,6 +85,9 @@ def init_student(teacher, n_layer: int):
     """Paper section 2, "Student initialization": a DistilBERT (no token types, no pooler) whose
     embeddings, layers and MLM head are copies of the teacher's."""
     from model import BERT
+    if teacher.config.layer_norm_eps != 1e-12:  # DistilBERT's config.json cannot record another eps
+        raise UserError(f"the teacher's LayerNorm eps is {teacher.config.layer_norm_eps}; a DistilBERT "
+                        f"student (and its checkpoint) has 1e-12")
     cfg = dataclasses.replace(teacher.config, model_type="distilbert", n_layer=n_layer,
                               type_vocab_size=0, pooler=False, mlm_head=True)
     student = BERT(cfg)
@@ -154,14 +157,18 @@ def pretrain(cfg: PretrainConfig):
 
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)) if ddp else None)
     if ddp:
+        if device.type == "cuda":  # NCCL and all_gather_object use the current device: one GPU per rank
+            torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     out = Path(cfg.out)
     if cfg.dtype not in ("float32", "bfloat16") or cfg.teacher_dtype not in ("auto", "float32", "bfloat16"):
         raise UserError("--dtype takes float32 or bfloat16; --teacher-dtype auto, float32 or bfloat16")
+    if min(cfg.grad_accum, cfg.log_every, cfg.save_every, cfg.batch_size) < 1:
+        raise UserError("--grad-accum, --log-every, --save-every and --batch-size must be at least 1")
     if min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos) < 0 or cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos == 0:
         raise UserError("the loss weights --alpha-ce/--alpha-mlm/--alpha-cos must be >= 0, not all 0")
     state = None if cfg.benchmark else check_out_dir(cfg, out, world)
@@ -176,6 +183,9 @@ def pretrain(cfg: PretrainConfig):
     if cfg.alpha_ce > 0 and not teacher.config.mlm_head:
         raise UserError(f"the teacher {cfg.teacher} has no MLM head, so there are no soft targets for "
                         f"L_ce: pass --alpha-ce 0 (and --alpha-mlm 0 to skip the untrained head)")
+    if cfg.seq_len > teacher.config.max_position_embeddings:
+        raise UserError(f"--seq-len {cfg.seq_len}: the teacher has only "
+                        f"{teacher.config.max_position_embeddings} positions")
     student, layers = init_student(teacher, cfg.n_layer)
     say(f"teacher {cfg.teacher}: {teacher.config.n_layer} layers, {teacher.num_params() / 1e6:.1f}M "
         f"params; student: layers {layers}, {student.num_params() / 1e6:.1f}M params")
@@ -208,13 +218,18 @@ def pretrain(cfg: PretrainConfig):
         if master:
             student.save_pretrained(out)
         say(f"--max-steps 0: saved the initialised student to {out}")
+        if ddp:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return student
 
     # The frozen teacher only gives targets: run it in bfloat16 where that is the faster matmul.
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).train()
     peaks = {dt: measure_peak_flops(device, dt) for dt in (torch.float32, torch.bfloat16)}
-    t_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.teacher_dtype) or \
+    # "auto" is decided by timing once and then saved, so a resumed run keeps the same targets.
+    choice = state["teacher_dtype"] if state is not None else cfg.teacher_dtype
+    t_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(choice) or \
         max(peaks, key=peaks.get)
     s_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     teacher.to(t_dtype)
@@ -234,19 +249,26 @@ def pretrain(cfg: PretrainConfig):
     if ddp:
         unused = cfg.alpha_ce == 0 and cfg.alpha_mlm == 0  # then the MLM head gets no gradient
         model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
+    # Masking has its own stream, apart from dropout's (seeded with seed + rank above).
+    gen = torch.Generator(device=device).manual_seed(1_000_003 * (cfg.seed + 1) + rank)
     step, epoch, position = 0, 0, 0
     if state is not None:
         step, (epoch, position) = state["step"], state["data_position"]
         opt.load_state_dict(state["optimizer"])
         student.load_state_dict(BERT.from_pretrained(str(state["dir"])).state_dict())
         torch.set_rng_state(state["rng"]["torch"][rank])
+        if device.type == "cuda":  # dropout on the GPU draws from the device's generator
+            torch.cuda.set_rng_state(state["rng"]["cuda"][rank], device)
         gen.set_state(state["rng"]["mask"][rank])
         say(f"resumed from {state['dir']} at step {step}")
 
     weights = {"ce": cfg.alpha_ce, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos}
     stream = batches.stream(epoch, position)
     log_path = out / "train_log.jsonl"
+    logged_at = step
+    if state is not None and master and log_path.is_file():  # drop lines logged after the checkpoint
+        lines = log_path.read_text().splitlines()
+        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
     t0, tokens, busy = time.perf_counter(), 0, 0.0  # busy: seconds the work would take at peak
     while step < total_steps:
         sums = {k: 0.0 for k in ("loss", "ce", "mlm", "cos")}
@@ -298,7 +320,7 @@ def pretrain(cfg: PretrainConfig):
         if step % cfg.log_every == 0 or step == total_steps:
             sync(device)
             dt = time.perf_counter() - t0
-            n_steps = step % cfg.log_every or cfg.log_every
+            n_steps = step - logged_at
             mfu = busy / dt  # each process measured its own peak, so no factor of world
             rec = {"step": step, "loss": sums["loss"], "loss_ce": sums["ce"], "loss_mlm": sums["mlm"],
                    "loss_cos": sums["cos"], "lr": lr_at(step - 1), "grad_norm": grad_norm,
@@ -311,10 +333,11 @@ def pretrain(cfg: PretrainConfig):
                 out.mkdir(parents=True, exist_ok=True)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-            t0, tokens, busy = time.perf_counter(), 0, 0.0
+            t0, tokens, busy, logged_at = time.perf_counter(), 0, 0.0, step
         if not cfg.benchmark and (step % cfg.save_every == 0 or step == total_steps):
             t_save = time.perf_counter()
-            save_checkpoint(cfg, out, student, opt, step, (epoch, i + 1), gen, ddp, master, world)
+            save_checkpoint(cfg, out, student, opt, step, (epoch, i + 1), gen, ddp, master, world,
+                            str(t_dtype).removeprefix("torch."))
             t0 += time.perf_counter() - t_save  # the log's speed is the training's, not the disk's
     if cfg.benchmark:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -326,9 +349,12 @@ def pretrain(cfg: PretrainConfig):
     return student
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank=None) -> torch.device:
+    """--device as a torch.device; under torchrun a bare "cuda" means this process's own GPU."""
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
     try:
@@ -338,7 +364,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 # Options that may differ between a run and its resumption (they do not change the result).
-RESUME_FREE = {"resume", "log_every", "save_every", "device", "max_steps", "epochs", "data_dir"}
+RESUME_FREE = {"resume", "log_every", "save_every", "device", "data_dir"}
 
 
 def check_out_dir(cfg, out: Path, world: int):
@@ -368,11 +394,12 @@ def check_out_dir(cfg, out: Path, world: int):
     return {**state, "dir": ckpt}
 
 
-def save_checkpoint(cfg, out, student, opt, step, position, gen, ddp, master, world):
+def save_checkpoint(cfg, out, student, opt, step, position, gen, ddp, master, world, teacher_dtype):
     """checkpoints/step-N/ (the student + train_state.pt) is written under a temporary name and
     renamed when complete, then checkpoints/latest points at it: a kill at any moment leaves the
     previous checkpoint whole. The student is also saved at the top of --out for `eval`."""
-    rng = {"torch": [torch.get_rng_state()], "mask": [gen.get_state()]}
+    rng = {"torch": [torch.get_rng_state()], "mask": [gen.get_state()],
+           "cuda": [torch.cuda.get_rng_state(gen.device) if gen.device.type == "cuda" else None]}
     if ddp:  # every rank has its own dropout and masking streams
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, rng)
@@ -384,7 +411,7 @@ def save_checkpoint(cfg, out, student, opt, step, position, gen, ddp, master, wo
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     torch.save({"step": step, "data_position": position, "optimizer": opt.state_dict(),
-                "rng": rng, "config": asdict(cfg)}, tmp / "train_state.pt")
+                "rng": rng, "config": asdict(cfg), "teacher_dtype": teacher_dtype}, tmp / "train_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     (ckpts / "latest.tmp").write_text(final.name)
