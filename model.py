@@ -14,7 +14,6 @@ mapped by the explicit table BERT_LAYER_NAMES.
 import json
 import math
 import os
-import shutil
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -318,20 +317,21 @@ class BERT(nn.Module):
             raise UserError(f"{path}: tensor {unused[0]!r} is not used by a {self.config.model_type} "
                             f"model ({len(unused)} unused in all): is this the right checkpoint?")
 
-    def save_pretrained(self, out_dir):
-        """config.json + model.safetensors (+ tokenizer files), loadable by the reference library."""
+    def save_pretrained(self, out_dir, tensors=None, config=None):
+        """config.json + model.safetensors (+ tokenizer files), loadable by the reference library.
+        A task model passes its own tensors and config.json dict (the encoder's plus its head)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        bare = self.config.model_type == "bert" and not self.config.mlm_head  # a BertModel: no prefix
-        tensors = {(_unprefixed(theirs) if bare else theirs): self.state_dict()[ours]
-                   for ours, theirs in self.checkpoint_names().items()}
+        if tensors is None:
+            bare = self.config.model_type == "bert" and not self.config.mlm_head  # BertModel: no prefix
+            tensors = {(_unprefixed(theirs) if bare else theirs): self.state_dict()[ours]
+                       for ours, theirs in self.checkpoint_names().items()}
         save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        _atomic_write(out / "config.json", json.dumps(self.config.to_hf(), indent=2).encode())
+        _atomic_write(out / "config.json", json.dumps(config or self.config.to_hf(), indent=2).encode())
         for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
             src = self.source_dir and Path(self.source_dir) / name
             if src and src.is_file() and src.resolve() != (out / name).resolve():
-                shutil.copyfile(src, out / f"{name}.tmp")
-                os.replace(out / f"{name}.tmp", out / name)
+                _atomic_write(out / name, src.read_bytes())
 
 
 BERT_LAYER_NAMES = {  # ours (DistilBERT's names) -> BERT's, inside one encoder layer

@@ -199,14 +199,12 @@ def pretrain(cfg: PretrainConfig):
     else:
         tok = load_tokenizer(teacher.source_dir)
         ids = special_ids(tok)
-        if master:  # rank 0 tokenises and caches first, so the others only read the cache
-            seqs = load_corpus(cfg.data, tok, data_dir(cfg.data_dir), data_fraction=cfg.data_fraction,
-                               seq_len=cfg.seq_len)
+        load = lambda: load_corpus(cfg.data, tok, data_dir(cfg.data_dir), data_fraction=cfg.data_fraction,
+                                   seq_len=cfg.seq_len)
+        seqs = load() if master else None  # rank 0 tokenises and caches first; the others read the cache
         if ddp:
             torch.distributed.barrier()
-        if not master:
-            seqs = load_corpus(cfg.data, tok, data_dir(cfg.data_dir), data_fraction=cfg.data_fraction,
-                               seq_len=cfg.seq_len)
+        seqs = seqs if master else load()
         probs = token_probs(seqs, teacher.config.vocab_size, ids.values(), cfg.mlm_smoothing)
         batches = Batches(seqs.lengths, cfg.batch_size, cfg.seed, rank, world)
         say(f"data {cfg.data}: {seqs.stats['sequences']} sequences, {seqs.stats['tokens']} tokens, "

@@ -18,7 +18,6 @@ appends its own line (and, with --out DIR, is saved to DIR/<task>).
 """
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 import data
 from hub import UserError
-from model import BERT, save_safetensors
+from model import BERT
 from tasks import glue, imdb, metrics, squad
 
 GLUE = tuple(glue.TASKS)
@@ -108,10 +107,8 @@ class TaskModel(nn.Module):
             return self.classifier(self.dropout(out.pooler_output))
         return self.classifier(self.dropout(F.relu(self.pre_classifier(out.hidden_states[-1][:, 0]))))
 
-    def save_pretrained(self, out_dir):
+    def save_pretrained(self, out):
         """config.json + model.safetensors (+ tokenizer files) in the reference task-model layout."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         enc = self.encoder.state_dict()
         tensors = {theirs: enc[ours] for ours, theirs in self.encoder.checkpoint_names().items()}
         tensors.update({k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")})
@@ -122,14 +119,7 @@ class TaskModel(nn.Module):
             names = self.labels or ["LABEL_0"]
             config.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
                           problem_type="single_label_classification" if self.labels else "regression")
-        save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        (out / "config.json.tmp").write_text(json.dumps(config, indent=2))
-        (out / "config.json.tmp").replace(out / "config.json")
-        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
-            src = self.encoder.source_dir and Path(self.encoder.source_dir) / name
-            if src and src.is_file() and src.resolve() != (out / name).resolve():
-                shutil.copyfile(src, out / f"{name}.tmp")
-                (out / f"{name}.tmp").replace(out / name)
+        self.encoder.save_pretrained(out, tensors, config)
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
