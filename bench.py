@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from hub import UserError, snapshot_download
+from common import UserError
+from hub import snapshot_download
 from model import BERT, Attention, BertConfig, Transformer
 from tasks import glue
 from tasks.finetune import TaskModel

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tokenizers import BertWordPieceTokenizer, Tokenizer
 
-from hub import UserError, fetch_url
+from common import UserError
+from hub import fetch_url
 
 WIKITEXT_URL = "https://wikitext.smerity.com/"  # the original S3 bucket is gone; same archives here
 # the WikiText host refuses Python's default User-Agent

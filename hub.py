@@ -1,6 +1,6 @@
 """hub.py: downloads for tinydistil, from the Hugging Face Hub and from dataset sites.
 
-    from hub import fetch_url, snapshot_download, UserError
+    from hub import fetch_url, snapshot_download
     folder = snapshot_download("bert-base-uncased")      # -> .../models--bert-base-uncased/snapshots/<commit>
     path = fetch_url(url, Path("data/glue/SST-2.zip"))   # any other file, e.g. a dataset archive
 
@@ -22,14 +22,12 @@ from urllib.parse import quote, urljoin
 import requests
 from tqdm import tqdm
 
+from common import UserError
+
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 _TIMEOUT = (10, 60)  # (connect, read) seconds
-
-
-class UserError(Exception):
-    """A problem the user can fix; the CLI prints its one-line message and exits 1."""
 
 
 class _Unreachable(UserError):

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hub import UserError, snapshot_download
+from common import UserError
+from hub import snapshot_download
 
 
 @dataclass

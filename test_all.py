@@ -66,7 +66,8 @@ import data
 import tinydistil
 from data import (Batches, Sequences, build_sequences, collate, corpus_texts, data_dir, encode_batch,
                   load_corpus, load_tokenizer, mask_batch, special_ids, token_probs)
-from hub import UserError, fetch_url, snapshot_download
+from common import UserError
+from hub import fetch_url, snapshot_download
 from losses import L_ce, L_cos, L_mlm, total_loss
 from model import BERT, BertConfig, load_safetensors, save_safetensors
 from tasks import finetune, glue, imdb, metrics, report, squad

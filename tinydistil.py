@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from hub import UserError
+from common import UserError
 
 
 # ----------------------------------------------------------------------------- pretraining

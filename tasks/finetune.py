@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from hub import UserError
+from common import UserError
 from model import BERT
 from tasks import glue, imdb, metrics, squad
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import data
-from hub import UserError, fetch_url
+from common import UserError
+from hub import fetch_url
 from tasks import metrics
 
 GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/"  # constants, so a mirror or a test server can stand in

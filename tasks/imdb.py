@@ -18,7 +18,8 @@ import zlib
 from tqdm import tqdm
 
 import data
-from hub import UserError, fetch_url
+from common import UserError
+from hub import fetch_url
 from tasks.glue import Example
 
 URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"

@@ -15,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 
-from hub import UserError
+from common import UserError
 
 _PUNCT = set(string.punctuation)
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")

@@ -14,7 +14,7 @@ Paper: Sanh et al. 2019 (arXiv 1910.01108v4), section 4 and 4.1, Tables 1 and 2.
 import json
 from pathlib import Path
 
-from hub import UserError
+from common import UserError
 from tasks.metrics import GLUE_TASKS, glue_score, task_score
 
 # Table 1 of arXiv 1910.01108v4 (dev sets; BERT-base and DistilBERT are medians of 5 runs), columns as COLUMNS.

@@ -22,7 +22,8 @@ import json
 import numpy as np
 
 import data
-from hub import UserError, fetch_url
+from common import UserError
+from hub import fetch_url
 from tasks import metrics
 
 URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"
