@@ -1,28 +1,33 @@
-"""hub.py: downloads for tinydistil, from the Hugging Face Hub and from dataset sites.
+"""hub.py: checkpoint files and downloads for tinydistil: the safetensors format, the Hugging Face Hub,
+dataset sites. Plumbing, not paper.
 
-    from hub import fetch_url, snapshot_download
-    folder = snapshot_download("bert-base-uncased")      # -> .../models--bert-base-uncased/snapshots/<commit>
+    from hub import checkpoint_folder, fetch_url, load_safetensors, snapshot_download
+    folder = checkpoint_folder("bert-base-uncased")     # a local folder as is, else a Hub snapshot
+    tensors = load_safetensors(folder / "model.safetensors")   # {name: tensor}, every rule checked
     path = fetch_url(url, Path("data/glue/SST-2.zip"))   # any other file, e.g. a dataset archive
 
 snapshot_download speaks the Hub's resolve protocol with plain `requests` and writes the huggingface_hub
-cache layout (blobs/<etag>, snapshots/<commit>/<file> symlinks, refs/<revision>), so a user's existing cache
-is reused and ours is readable by huggingface_hub and transformers. Every download goes to a `.incomplete`
-file that a later call resumes with a Range request, and is renamed into place only once its size (and
-sha256, when known) check out. Not part of the paper: the paper's teacher is the bert-base-uncased checkpoint
-(Sanh et al. 2019, section 3), and this module is how we fetch it.
+cache layout (blobs/<etag>, snapshots/<commit>/<file> symlinks, refs/<revision>), so a user's existing
+cache is reused and ours is readable by huggingface_hub and transformers. Every download goes to a
+`.incomplete` file that a later call resumes with a Range request, and is renamed into place only once
+its size (and sha256, when known) check out. The paper's teacher is the bert-base-uncased checkpoint
+(Sanh et al. 2019, section 3); this module is how we fetch and read it.
 """
-
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 from urllib.parse import quote, urljoin
 
 import requests
+import torch
 from tqdm import tqdm
 
-from common import UserError
+from common import UserError, atomic_write, looks_like_path
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -228,3 +233,185 @@ def _download_snapshot(folder, repo_id, revision, required, optional):
         (folder / "refs" / revision).parent.mkdir(parents=True, exist_ok=True)
         (folder / "refs" / revision).write_text(commit)
     return snap
+
+
+class NoCheckpointFolder(UserError):
+    """A local path given as a checkpoint that is not a folder; callers may catch it to add a hint."""
+
+
+def checkpoint_folder(name_or_dir: str, revision: str = "main") -> Path:
+    """A checkpoint's folder: a value that names a local path (common.looks_like_path) is that folder
+    and nothing else; any other value is a Hub repo id, downloaded (or found) in the cache."""
+    if not looks_like_path(name_or_dir):
+        return snapshot_download(name_or_dir, revision=revision)
+    folder = Path(name_or_dir).expanduser()
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.exists() else "no such folder"
+        raise NoCheckpointFolder(f"no checkpoint folder {name_or_dir} ({what})")
+    return folder
+
+
+# ----------------------------------------------------------------------------- config.json
+
+LAYOUTS = ("bert", "distilbert")  # the two checkpoint layouts: the columns of the name tables
+HF_CONFIG_NAMES = {  # BertConfig field -> its config.json name in (BERT, DistilBERT); None: no such
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "hidden_size": ("hidden_size", "dim"),
+    "n_layer": ("num_hidden_layers", "n_layers"),
+    "n_head": ("num_attention_heads", "n_heads"),
+    "intermediate_size": ("intermediate_size", "hidden_dim"),
+    "max_position_embeddings": ("max_position_embeddings", "max_position_embeddings"),
+    "type_vocab_size": ("type_vocab_size", None),
+    "layer_norm_eps": ("layer_norm_eps", None),  # DistilBERT hard-codes 1e-12
+    "pad_token_id": ("pad_token_id", "pad_token_id"),
+    "dropout": ("hidden_dropout_prob", "dropout"),
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout"),
+    "initializer_range": ("initializer_range", "initializer_range"),
+}
+REQUIRED_CONFIG = {"vocab_size", "hidden_size", "n_layer", "n_head", "intermediate_size",
+                   "max_position_embeddings", "type_vocab_size"}
+
+
+def config_from_hf(d: dict) -> dict:
+    """The BertConfig fields a Hugging Face config.json of model_type bert or distilbert sets (old
+    and new spellings); what model.py does not implement is refused with the field named."""
+    model_type = d.get("model_type")
+    if model_type not in LAYOUTS:
+        raise UserError(f"config.json: unsupported model_type {model_type!r}; tinydistil reads "
+                        f"'bert' and 'distilbert' checkpoints")
+    column, fields = LAYOUTS.index(model_type), {"model_type": model_type}
+    for ours, names in HF_CONFIG_NAMES.items():
+        if names[column] in d:
+            fields[ours] = d[names[column]]
+        elif ours in REQUIRED_CONFIG and names[column] is not None:
+            raise UserError(f"config.json of model_type {model_type!r} lacks {names[column]!r}")
+    fields["pad_token_id"] = fields.get("pad_token_id") or 0  # null in some files
+    activation = d.get("hidden_act" if model_type == "bert" else "activation", "gelu")
+    if activation != "gelu":
+        raise UserError(f"config.json: activation {activation!r} is not supported "
+                        f"(exact erf 'gelu' only)")
+    if not d.get("tie_word_embeddings", d.get("tie_weights_", True)):
+        raise UserError("config.json: untied input/output embeddings are not supported")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"config.json: position_embedding_type {d['position_embedding_type']!r} "
+                        f"is not supported (absolute only)")
+    if fields["hidden_size"] % fields["n_head"]:
+        raise UserError(f"config.json: hidden size {fields['hidden_size']} is not a multiple of "
+                        f"{fields['n_head']} heads")
+    return fields
+
+
+def config_to_hf(fields: dict) -> dict:
+    """config.json for BertForMaskedLM / DistilBertForMaskedLM (BertModel without an MLM head),
+    from a BertConfig's fields (dataclasses.asdict)."""
+    column = LAYOUTS.index(fields["model_type"])
+    d = {names[column]: fields[ours] for ours, names in HF_CONFIG_NAMES.items() if names[column]}
+    if fields["model_type"] == "bert":
+        architecture = "BertForMaskedLM" if fields["mlm_head"] else "BertModel"
+        d.update(hidden_act="gelu", position_embedding_type="absolute")
+    else:  # DistilBERT's own fields, with the values the student really has
+        architecture = "DistilBertForMaskedLM"
+        d.update(activation="gelu", sinusoidal_pos_embds=False, qa_dropout=0.1,
+                 seq_classif_dropout=0.2, tie_weights_=True)
+    return {"architectures": [architecture], "model_type": fields["model_type"], **d,
+            "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U8": torch.uint8, "BOOL": torch.bool}
+MAX_HEADER_SIZE = 100_000_000  # the official implementation's limit
+
+
+def load_safetensors(path) -> dict:
+    """Read a .safetensors file: u64 little-endian header size N, N bytes of JSON, then the buffer.
+    Enforces the official rules; every violation names the file and the tensor."""
+    path = Path(path)
+    try:
+        data = bytearray(path.read_bytes())  # writable, so torch.frombuffer can share it
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    entries, start = _safetensors_header(path, data)
+    buffer_len, tensors, end = len(data) - start, {}, 0
+    for name, info in entries:
+        dtype, shape, (begin, stop) = info.get("dtype"), info.get("shape"), info["data_offsets"]
+        if dtype not in DTYPES:
+            raise _invalid(path, f"tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise _invalid(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        if begin != end:
+            raise _invalid(path, f"tensor {name!r} starts at byte {begin}, expected {end} (offsets "
+                                 f"must tile the buffer with no gap or overlap)")
+        count = math.prod(shape)
+        needed = count * torch.empty(0, dtype=DTYPES[dtype]).element_size()
+        if stop - begin != needed:
+            raise _invalid(path, f"tensor {name!r} spans {stop - begin} bytes but shape {shape} x "
+                                 f"{dtype} needs {needed}")
+        if stop > buffer_len:
+            raise _invalid(path, f"tensor {name!r} ends at byte {stop} past the {buffer_len}-byte "
+                                 f"buffer: truncated?")
+        t = torch.empty(0, dtype=DTYPES[dtype])
+        if count:
+            t = torch.frombuffer(data, dtype=DTYPES[dtype], count=count, offset=start + begin)
+        tensors[name], end = t.view(shape), stop
+    if end != buffer_len:
+        raise _invalid(path, f"{buffer_len - end} trailing bytes are not covered by any tensor")
+    return tensors
+
+
+def _invalid(path, why) -> UserError:
+    return UserError(f"{path} is not a valid safetensors file: {why}")
+
+
+def _safetensors_header(path, data) -> tuple:
+    """(the header's (name, entry) pairs in buffer order, where the buffer starts), after checking
+    the header's framing and JSON."""
+    if len(data) < 8:
+        raise _invalid(path, "shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_SIZE:
+        raise _invalid(path, f"header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit")
+    if 8 + n > len(data):
+        raise _invalid(path, f"header length {n} runs past the end of the file ({len(data)} "
+                             f"bytes): truncated?")
+    raw = bytes(data[8:8 + n])
+    if not raw.startswith(b"{"):
+        raise _invalid(path, "the header does not start with '{'")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _invalid(path, f"the header is not valid JSON ({e})") from None
+    header.pop("__metadata__", None)
+    try:
+        return sorted(header.items(), key=_data_offsets), 8 + n
+    except (KeyError, TypeError):
+        raise _invalid(path, "a tensor entry has no data_offsets pair") from None
+
+
+def _data_offsets(item) -> tuple:
+    return tuple(item[1]["data_offsets"])
+
+
+def save_safetensors(tensors: dict, path, metadata=None):
+    """Write tensors in the safetensors layout, atomically (temp file, then rename)."""
+    dtype_names = {v: k for k, v in DTYPES.items()}
+    header, offset, blobs = {}, 0, []
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        blob = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the reference pads the header to 8-byte alignment with spaces
+
+    def write(f):
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for blob in blobs:
+            f.write(blob)
+    atomic_write(path, write)

@@ -67,9 +67,9 @@ import tinydistil
 from data import (Batches, Sequences, build_sequences, collate, corpus_texts, data_dir, encode_batch,
                   load_corpus, load_tokenizer, mask_batch, special_ids, token_probs)
 from common import UserError
-from hub import fetch_url, snapshot_download
+from hub import fetch_url, load_safetensors, save_safetensors, snapshot_download
 from losses import L_ce, L_cos, L_mlm, total_loss
-from model import BERT, BertConfig, load_safetensors, save_safetensors
+from model import BERT, BertConfig
 from tasks import finetune, glue, imdb, metrics, report, squad
 from tasks.finetune import EvalConfig, TaskModel, run
 from tasks.metrics import (accuracy, f1, glue_score, matthews_corrcoef, normalize_answer, pearson, spearman,
@@ -296,7 +296,7 @@ def test_missing_files(tmp_path):
 def test_logits_only_where_asked():
     model = BERT.from_pretrained(str(MODELS / "tiny-distilbert"))
     ref = load_safetensors(MODELS / "tiny-distilbert" / "reference_outputs.safetensors")
-    out = model(ref["input_ids"], ref["attention_mask"], logits=False)
+    out = model(ref["input_ids"], ref["attention_mask"], return_logits=False)
     assert out.logits is None
     keep = ref["attention_mask"].bool()
     rows = model.mlm_logits(out.hidden_states[-1][keep])  # the pretraining loop's path
@@ -1095,7 +1095,7 @@ def test_init_student_copies_the_teacher():
     t, s = teacher.state_dict(), student.state_dict()
     for name in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
                  "embeddings.LayerNorm.weight", "vocab_transform.weight", "vocab_layer_norm.bias",
-                 "vocab_projector.bias", "transformer.layer.0.ffn.lin2.weight"):
+                 "vocab_projector.bias", "layers.0.ffn.lin2.weight"):
         assert torch.equal(s[name], t[name]), name
     assert student.vocab_projector.weight is student.embeddings.word_embeddings.weight  # still tied
 
@@ -1938,10 +1938,10 @@ def test_fast_modes_stay_close_to_float32(name):
     mask[1, 30:] = 0  # padding, so the masked attention path is exercised too
     keep = mask.bool()
     with torch.inference_mode():
-        ref = model(x, mask, logits=False)
+        ref = model(x, mask, return_logits=False)
         last = ref.hidden_states[-1]
         for mode in ("float32", "bfloat16", "int8"):
-            out = bench.prepare(model, mode, "cpu")(x, mask, logits=False)
+            out = bench.prepare(model, mode, "cpu")(x, mask, return_logits=False)
             got = out.hidden_states[-1].float()
             if mode == "float32":  # fused q/k/v is the same computation
                 assert (got - last)[keep].abs().max() < 1e-5
@@ -1949,7 +1949,7 @@ def test_fast_modes_stay_close_to_float32(name):
                 assert F.cosine_similarity(got[keep], last[keep], dim=-1).min() > 0.99, mode
             if out.pooler_output is not None:
                 assert F.cosine_similarity(out.pooler_output.float(), ref.pooler_output).min() > 0.99, mode
-        cls = bench.prepare(model, "float32+cls", "cpu")(x, mask, logits=False)
+        cls = bench.prepare(model, "float32+cls", "cpu")(x, mask, return_logits=False)
         assert cls.hidden_states[-1].shape == (2, 1, model.config.hidden_size)  # only [CLS] is computed
         assert (cls.hidden_states[-1][:, 0] - last[:, 0]).abs().max() < 1e-5
         assert all(torch.equal(a, b) for a, b in zip(cls.hidden_states[:-1], ref.hidden_states[:-1]))

@@ -100,7 +100,7 @@ class TaskModel(nn.Module):
         """Logits: (B, num_labels), (B, 1) for regression, (B, T, 2) start/end for QA. Token types are
         dropped for models without them (the student), so callers may always pass them."""
         types = token_type_ids if self.encoder.config.type_vocab_size else None
-        out = self.encoder(input_ids, attention_mask, types, logits=False)
+        out = self.encoder(input_ids, attention_mask, types, return_logits=False)
         if self.qa:
             return self.qa_outputs(self.dropout(out.hidden_states[-1]))
         if self.bert:
