@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 import data
 from common import UserError, atomic_write, build_parser, pick_device
-from hub import snapshot_download
-from model import BERT, Attention, BertConfig, Transformer
+from hub import NoCheckpointFolder, checkpoint_folder
+from model import BERT, Attention, BertConfig
 from tasks import glue
 from tasks.finetune import TaskModel
 
@@ -155,8 +155,8 @@ def prepare(model: nn.Module, mode: str, device) -> nn.Module:
     """A copy of model (a BERT or a TaskModel) rewritten for inference in one mode."""
     m, (dtype, _, cls_only) = copy.deepcopy(model).eval(), mode.partition("+")
     for parent in list(m.modules()):
-        if isinstance(parent, Transformer) and cls_only:
-            parent.layer[-1] = CLSOnlyBlock(parent.layer[-1])
+        if isinstance(parent, BERT) and cls_only:
+            parent.layers[-1] = CLSOnlyBlock(parent.layers[-1])
         for name, child in parent.named_children():
             if isinstance(child, Attention):
                 setattr(parent, name, FusedQKVAttention(child))
@@ -171,27 +171,19 @@ def prepare(model: nn.Module, mode: str, device) -> nn.Module:
 
 # ----------------------------------------------------------------------------- models and data
 
-def encoder_only(model: BERT) -> BERT:
-    """The encoder without its MLM head, as the paper counts parameters and as inference runs."""
-    for head in ("vocab_transform", "vocab_layer_norm", "vocab_projector"):
-        model._modules.pop(head, None)
-    model.config = replace(model.config, mlm_head=False)
-    return model
-
-
 def load_model(name: str):
-    """(encoder without MLM head, random_weights, note). Weights that cannot be had -> random
-    weights, from the preset of that name or the folder's config.json."""
-    folder = Path(name)
-    if not folder.is_dir():
-        try:
-            folder = snapshot_download(name)
-        except UserError as e:
-            if name not in PRESETS:
-                raise UserError(f"{e} (and {name!r} is neither a local folder nor a preset: "
-                                f"{', '.join(PRESETS)})") from None
-            model = BERT(replace(BertConfig.preset(name), mlm_head=False)).eval()
-            return model, True, f"weights unavailable ({e})"
+    """(encoder without MLM head, random_weights, note), as the paper counts parameters. Weights
+    that cannot be had -> random weights, from the preset of that name or the folder's
+    config.json."""
+    try:
+        folder = checkpoint_folder(name)
+    except NoCheckpointFolder:
+        raise
+    except UserError as e:  # the Hub: offline, unreachable, or no such repo
+        if name not in PRESETS:
+            raise UserError(f"{e} (and {name!r} is not a preset: {', '.join(PRESETS)})") from None
+        model = BERT(replace(BertConfig.preset(name), mlm_head=False)).eval()
+        return model, True, f"weights unavailable ({e})"
     if not (folder / "model.safetensors").is_file():
         try:
             cfg = BertConfig.from_hf(json.loads((folder / "config.json").read_text()))
@@ -202,7 +194,7 @@ def load_model(name: str):
         model.source_dir = folder  # for its tokenizer
         return model, True, f"{folder / 'model.safetensors'} is missing"
     model, _ = BERT.from_pretrained(str(folder), return_unused=True)  # a task head is not timed
-    return encoder_only(model), False, ""
+    return model.without_mlm_head(), False, ""
 
 
 def tokenizer_for(model: BERT, cfg: BenchConfig):
@@ -292,11 +284,11 @@ def time_passes(runs: dict, n: int) -> dict:
     with torch.inference_mode():
         for model, _, inputs in runs.values():
             for x in inputs[:WARMUP]:
-                model(**x, logits=False)
+                model(**x, return_logits=False)
         for i in tqdm(range(n), desc="batch-1 passes", leave=False):
             for key, (model, device, inputs) in runs.items():
                 start = time.perf_counter()
-                model(**inputs[i], logits=False)
+                model(**inputs[i], return_logits=False)
                 if device.type == "cuda":  # kernels run asynchronously: wait for them
                     torch.cuda.synchronize(device)
                 seconds[key] += time.perf_counter() - start
@@ -326,7 +318,7 @@ def throughput(model, tok, pairs, mode: str) -> dict:
             for _ in range(2):  # the first pass meets every shape's kernels; the second one counts
                 start = time.perf_counter()
                 for x in batches:
-                    m(**x, logits=False)
+                    m(**x, return_logits=False)
         result[batch_size] = len(pairs) / (time.perf_counter() - start)
     return result
 
