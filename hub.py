@@ -302,15 +302,14 @@ def config_from_hf(d: dict) -> dict:
 
 
 def config_to_hf(fields: dict) -> dict:
-    """config.json for BertForMaskedLM / DistilBertForMaskedLM (BertModel without an MLM head),
-    from a BertConfig's fields (dataclasses.asdict)."""
+    """config.json for BertForMaskedLM / DistilBertForMaskedLM (BertModel / DistilBertModel without
+    an MLM head), from a BertConfig's fields (dataclasses.asdict)."""
     column = LAYOUTS.index(fields["model_type"])
     d = {names[column]: fields[ours] for ours, names in HF_CONFIG_NAMES.items() if names[column]}
+    architecture = ("Bert", "DistilBert")[column] + ("ForMaskedLM" if fields["mlm_head"] else "Model")
     if fields["model_type"] == "bert":
-        architecture = "BertForMaskedLM" if fields["mlm_head"] else "BertModel"
         d.update(hidden_act="gelu", position_embedding_type="absolute")
     else:  # DistilBERT's own fields, with the values the student really has
-        architecture = "DistilBertForMaskedLM"
         d.update(activation="gelu", sinusoidal_pos_embds=False, qa_dropout=0.1,
                  seq_classif_dropout=0.2, tie_weights_=True)
     return {"architectures": [architecture], "model_type": fields["model_type"], **d,

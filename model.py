@@ -63,7 +63,7 @@ class BertConfig:
         return replace(BertConfig.preset(preset[fields["model_type"]]), **fields)
 
     def to_hf(self) -> dict:
-        """config.json for BertForMaskedLM / DistilBertForMaskedLM (BertModel without MLM head)."""
+        """config.json in the Hugging Face layout: *ForMaskedLM, or *Model without an MLM head."""
         return config_to_hf(asdict(self))
 
 
@@ -281,8 +281,7 @@ class BERT(nn.Module):
         if tensors is None:
             state = self.state_dict()
             tensors = {theirs: state[ours] for ours, theirs in self.checkpoint_names().items()}
-            if self.config.model_type == "bert" and not self.config.mlm_head:
-                # a BertModel, as transformers saves one: encoder names without the "bert." prefix
+            if not self.config.mlm_head:  # a BertModel / DistilBertModel file: no encoder prefix
                 tensors = {_without_encoder_prefix(k): t for k, t in tensors.items()}
         save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
         config_json = json.dumps(config or self.config.to_hf(), indent=2)
