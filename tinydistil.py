@@ -1,6 +1,7 @@
 """tinydistil.py: the command line. Distil a 6-layer student from BERT-base, fine-tune and score it.
 
     python tinydistil.py pretrain                          # distil bert-base-uncased on WikiText-2
+    python tinydistil.py pretrain --recipe paper           # the reference's batch, length and targets
     python tinydistil.py eval sst2 --model out/student     # fine-tune and score one task (or glue)
     python tinydistil.py report                            # Tables 1 and 2 beside the paper's
     python tinydistil.py fill-mask "the capital of france is [MASK] ." --model bert-base-uncased
@@ -9,48 +10,52 @@
 `pretrain` is the paper's section 2 (student architecture and initialisation, the triple loss
 5 * L_ce + 2 * L_mlm + 1 * L_cos) and section 3 (dynamic masking, large batches, no NSP), following
 the reference scripts (transformers examples/research_projects/distillation: train.py, distiller.py).
-Every command's options are the fields of its config dataclass; `--help` lists them with defaults.
+Read it top to bottom: the config and its two recipes, the student's initialisation, the loss of one
+batch, the checkpoints, then `pretrain` itself. Every command's options are the fields of its config
+dataclass; `--help` lists them with defaults.
 """
 import argparse
-import dataclasses
-import inspect
+import contextlib
 import json
 import math
 import os
 import random
-import re
-import resource
+import shlex
 import shutil
+import signal
 import sys
 import time
-import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
-from common import UserError
+from common import (UserError, add_dataclass_args, atomic_write, lr_factor, pick_device,
+                    warmup_steps)
 
 
-# ----------------------------------------------------------------------------- pretraining
+# ----------------------------------------------------------------------------- config and recipes
 
 @dataclass
 class PretrainConfig:
     teacher: str = "bert-base-uncased"   # Hub repo id or local folder of a BERT with MLM head
     out: str = "out/student"             # the student (DistilBERT layout) and its checkpoints
-    data: str = "wikitext-2-raw"         # wikitext-2-raw, wikitext-2, or a text file / folder of .txt
-    data_fraction: float = 0.1           # keep the first fraction of the training text
+    recipe: str = "small"                # small (a laptop, minutes) or paper (the reference's settings)
+    data: str = "wikitext-2-raw"         # wikitext-2[-raw], wikitext-103[-raw], a file or folder of text
+    data_fraction: Optional[float] = None  # keep the first fraction of the text; None: the recipe's
     data_dir: Optional[str] = None       # default $TINYDISTIL_DATA, else ~/.cache/tinydistil
-    n_layer: int = 6                     # student depth; teacher layers spread evenly (see init_student)
+    n_layer: int = 6                     # student depth; teacher layers spread evenly (see layer_map)
+    student_init: str = "teacher"        # teacher: copy its layers (paper); random: the reference init
+    train_positions: bool = False        # the reference freezes the position embeddings (see init)
     max_steps: Optional[int] = None      # optimizer steps, overrides --epochs; 0 saves the initial student
-    epochs: int = 3                      # passes over the data, as the reference's n_epoch
-    batch_size: int = 16                 # sequences per micro-batch and process
-    seq_len: int = 128                   # longer texts are cut into chunks of this many tokens
-    grad_accum: int = 1                  # micro-batches per optimizer step
-    lr: float = 5e-4
+    epochs: Optional[int] = None         # passes over the data; None: the recipe's
+    batch_size: Optional[int] = None     # sequences per micro-batch and process; None: the recipe's
+    grad_accum: Optional[int] = None     # micro-batches per optimizer step; None: the recipe's
+    seq_len: Optional[int] = None        # longer texts are cut into chunks of this many tokens
+    lr: Optional[float] = None           # peak learning rate; None: the recipe's
     warmup: float = 0.05                 # fraction of the steps with linear warm-up
     weight_decay: float = 0.0
     max_grad_norm: float = 5.0
@@ -60,15 +65,82 @@ class PretrainConfig:
     temperature: float = 2.0             # softmax temperature of L_ce
     mlm_mask_prop: float = 0.15          # fraction of the tokens the MLM predicts
     mlm_smoothing: float = 0.7           # masking probability of a token is count ** -smoothing
-    log_every: int = 10
-    save_every: int = 500
+    teacher_dtype: Optional[str] = None  # float32 or bfloat16 soft targets; None: the recipe's
+    dtype: str = "float32"               # float32 or bfloat16 (autocast) for the student
+    log_every: int = 10                  # optimizer steps between two log lines
+    save_every: Optional[int] = None     # steps between checkpoints; None: 5 per run
     resume: bool = False                 # continue the run in --out from its last checkpoint
+    overwrite: bool = False              # replace an earlier tinydistil run in --out
     seed: int = 56                       # the reference's seed
     device: str = "auto"                 # auto (cuda if present), cpu, cuda, cuda:1, ...
-    dtype: str = "float32"               # float32 or bfloat16 (autocast) for the student
-    teacher_dtype: str = "auto"          # auto: bfloat16 where the device runs it faster than float32
-    benchmark: bool = False              # time steps on random weights and full-length random batches
 
+
+# What a field left at None becomes. "paper" is the reference's training_configs + train.py: 2,000
+# sequences per update (5 per GPU x 50 accumulation steps x 8 GPUs), up to 512 tokens, lr 5e-4,
+# 3 epochs, float32 soft targets. "small" fits a laptop; studies/retention.md measured its choices.
+RECIPES = {
+    "small": dict(data_fraction=0.1, epochs=3, batch_size=16, grad_accum=1, seq_len=128, lr=5e-4,
+                  teacher_dtype="float32"),
+    "paper": dict(data_fraction=1.0, epochs=3, batch_size=5, grad_accum=None, seq_len=512, lr=5e-4,
+                  teacher_dtype="float32"),
+}
+PAPER_SEQUENCES_PER_STEP = 2000  # paper recipe: grad_accum = this / (batch_size x processes)
+
+
+def resolve_recipe(cfg: PretrainConfig, world: int) -> PretrainConfig:
+    """Fill the fields left at None from the recipe; a field given on the command line wins."""
+    if cfg.recipe not in RECIPES:
+        raise UserError(f"--recipe {cfg.recipe}: use {' or '.join(RECIPES)}")
+    filled = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
+    cfg = replace(cfg, **filled)
+    if cfg.grad_accum is None:
+        cfg = replace(cfg, grad_accum=max(1, round(PAPER_SEQUENCES_PER_STEP / (cfg.batch_size * world))))
+    return cfg
+
+
+def check_config(cfg: PretrainConfig):
+    """Every setting that can be judged before anything is loaded: one clear line for the first wrong one."""
+    rules = [
+        (cfg.lr > 0, f"--lr {cfg.lr}: the learning rate must be positive"),
+        (cfg.max_steps is None or cfg.max_steps >= 0, f"--max-steps {cfg.max_steps}: give 0 or more"),
+        (cfg.epochs >= 1, f"--epochs {cfg.epochs}: give at least 1 (or --max-steps)"),
+        (min(cfg.batch_size, cfg.grad_accum, cfg.log_every) >= 1,
+         "--batch-size, --grad-accum and --log-every must be at least 1"),
+        (cfg.save_every is None or cfg.save_every >= 1, "--save-every must be at least 1"),
+        (0 < cfg.data_fraction <= 1, f"--data-fraction {cfg.data_fraction}: give a number in (0, 1]"),
+        (cfg.seq_len >= 12, f"--seq-len {cfg.seq_len}: sequences under 12 tokens are dropped"),
+        (cfg.n_layer >= 1, f"--n-layer {cfg.n_layer}: the student needs at least 1 layer"),
+        (min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos) >= 0
+         and cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos > 0, "the loss weights --alpha-ce/--alpha-mlm/--alpha-cos must be >= 0, not all 0"),
+        (cfg.temperature > 0, f"--temperature {cfg.temperature}: must be positive"),
+        (0 < cfg.mlm_mask_prop < 1, f"--mlm-mask-prop {cfg.mlm_mask_prop}: give a fraction in (0, 1)"),
+        (0 <= cfg.warmup < 1, f"--warmup {cfg.warmup}: give a fraction in [0, 1)"),
+        (cfg.weight_decay >= 0 and cfg.max_grad_norm > 0,
+         "--weight-decay must be >= 0 and --max-grad-norm positive"),
+        (cfg.dtype in ("float32", "bfloat16") and cfg.teacher_dtype in ("float32", "bfloat16"),
+         "--dtype and --teacher-dtype take float32 or bfloat16"),
+        (cfg.student_init in ("teacher", "random"), "--student-init takes teacher or random"),
+        (not (cfg.resume and cfg.overwrite), "--resume continues a run, --overwrite replaces it: "
+                                             "give one of them"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+
+
+def describe_recipe(cfg: PretrainConfig, world: int) -> str:
+    """The first log line: what runs, and how it differs from the reference."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    line = (f"recipe {cfg.recipe}: {per_step} sequences per step ({cfg.batch_size} x {cfg.grad_accum} "
+            f"accumulated x {world} processes) of up to {cfg.seq_len} tokens, lr {cfg.lr:g}, "
+            f"{cfg.epochs} epochs of {cfg.data_fraction:g} of {cfg.data}, {cfg.teacher_dtype} teacher")
+    if cfg.recipe == "small":
+        line += (f"; the reference: {PAPER_SEQUENCES_PER_STEP} sequences of up to 512 tokens, "
+                 f"float32 teacher, on Wikipedia + BookCorpus (--recipe paper)")
+    return line
+
+
+# ----------------------------------------------------------------------------- the student (section 2)
 
 def layer_map(n_teacher: int, n_student: int) -> list:
     """Which teacher layers initialise the student: evenly spaced from the first to the last,
@@ -81,301 +153,197 @@ def layer_map(n_teacher: int, n_student: int) -> list:
     return [math.floor(i * (n_teacher - 1) / (n_student - 1) + 0.5) for i in range(n_student)]
 
 
-def init_student(teacher, n_layer: int):
-    """Paper section 2, "Student initialization": a DistilBERT (no token types, no pooler) whose
-    embeddings, layers and MLM head are copies of the teacher's."""
+def init_student(teacher, n_layer: int, how: str = "teacher", train_positions: bool = True):
+    """Paper section 2, "Student initialization": a DistilBERT (no token types, no pooler, half the
+    layers) whose embeddings, layers and MLM head are copies of the teacher's (how="teacher"), or
+    the reference's random init (how="random": N(0, 0.02), sinusoidal positions) for Table 4.
+
+    The reference student config sets sinusoidal_pos_embds, which makes the position table
+    requires_grad=False; the teacher's positions are then loaded into it, so they stay frozen during
+    distillation. train_positions=False does the same. Returns (student, teacher layers used)."""
     from model import BERT
     if teacher.config.layer_norm_eps != 1e-12:  # DistilBERT's config.json cannot record another eps
         raise UserError(f"the teacher's LayerNorm eps is {teacher.config.layer_norm_eps}; a DistilBERT "
                         f"student (and its checkpoint) has 1e-12")
-    cfg = dataclasses.replace(teacher.config, model_type="distilbert", n_layer=n_layer,
-                              type_vocab_size=0, pooler=False, mlm_head=True)
-    student = BERT(cfg)
-    t_sd, layers = teacher.state_dict(), layer_map(teacher.config.n_layer, n_layer)
-    new = {}
-    for name in student.state_dict():
-        if name.startswith("transformer.layer."):
-            _, _, j, rest = name.split(".", 3)
-            new[name] = t_sd[f"transformer.layer.{layers[int(j)]}.{rest}"]
-        elif name in t_sd:  # embeddings and (when the teacher has one) the MLM head
-            new[name] = t_sd[name]
-    student.load_state_dict(new, strict=False)
+    cfg = replace(teacher.config, model_type="distilbert", n_layer=n_layer, type_vocab_size=0,
+                  pooler=False, mlm_head=True)
+    student, layers = BERT(cfg), layer_map(teacher.config.n_layer, n_layer)
+    copies = []  # (student module, teacher module) pairs with the same parameters
+    if how == "teacher":
+        t_emb, s_emb = teacher.embeddings, student.embeddings
+        copies += [(s_emb.word_embeddings, t_emb.word_embeddings), (s_emb.LayerNorm, t_emb.LayerNorm),
+                   (s_emb.position_embeddings, t_emb.position_embeddings)]
+        copies += [(student.layers[j], teacher.layers[i]) for j, i in enumerate(layers)]
+        if teacher.config.mlm_head:  # a sentence encoder has none: the student's head starts fresh
+            copies += [(student.vocab_transform, teacher.vocab_transform),
+                       (student.vocab_layer_norm, teacher.vocab_layer_norm)]
+            with torch.no_grad():
+                student.vocab_projector.bias.copy_(teacher.vocab_projector.bias)
+    else:
+        with torch.no_grad():
+            student.embeddings.position_embeddings.weight.copy_(sinusoidal_positions(cfg))
+    for mine, theirs in copies:
+        mine.load_state_dict(theirs.state_dict())
+    student.embeddings.position_embeddings.requires_grad_(train_positions)
     student.source_dir = teacher.source_dir  # so save_pretrained ships the teacher's tokenizer
     return student, layers
 
 
-class Distillable(nn.Module):
-    """The student's forward for distillation: MLM logits only on the rows the losses read (the
-    vocabulary-sized head is a quarter of the student's FLOPs), hidden states of non-pad tokens.
-    A module of its own so DistributedDataParallel sees every use of the weights in one forward."""
+def sinusoidal_positions(cfg) -> torch.Tensor:
+    """DistilBERT's create_sinusoidal_embeddings: sin on even, cos on odd dimensions. (P, H)"""
+    pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float64)[:, None]  # (P, 1)
+    j = torch.arange(cfg.hidden_size, dtype=torch.float64)[None, :]  # (1, H)
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / cfg.hidden_size)
+    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
+
+
+class StudentForDistillation(nn.Module):
+    """The student's forward during distillation: the last hidden state of every real token and MLM
+    logits only on the rows a loss reads. A module of its own so DistributedDataParallel sees every
+    use of the weights inside one forward."""
 
     def __init__(self, student):
         super().__init__()
         self.student = student
 
-    def forward(self, input_ids, attention_mask, keep, logit_rows):
-        h = self.student(input_ids, attention_mask, logits=False).hidden_states[-1][keep]  # (N, H)
-        return (self.student.mlm_logits(h[logit_rows]) if logit_rows is not None else None), h
+    def forward(self, input_ids, attention_mask, real, logit_rows):
+        out = self.student(input_ids, attention_mask, return_logits=False)
+        hidden = out.hidden_states[-1][real]  # (N, H): padding is not text, no loss reads it
+        logits = self.student.mlm_logits(hidden[logit_rows]) if logit_rows is not None else None
+        return hidden, logits  # logits (rows, V)
 
 
-def measure_peak_flops(device, dtype, seconds=0.3):
-    """FLOP/s of a large matmul: the denominator of MFU (no vendor table needed, CPU included)."""
-    n = 2048 if device.type == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    with torch.inference_mode():
-        a @ b
-        sync(device)
-        iters, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a @ b
-            iters += 1
-        sync(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+# ----------------------------------------------------------------------------- the loss of one batch
 
+def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, dtypes):
+    """The paper's training loss on one masked micro-batch: alpha_ce * L_ce + alpha_mlm * L_mlm
+    + alpha_cos * L_cos (5, 2, 1), every term over the N real (non-pad) tokens. Returns (loss,
+    {term: value}). dtypes = (teacher dtype, student dtype) on the autocast device.
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step_flops(teacher_cfg, student_cfg, n_tokens, seq_len, ce: bool):
-    """Model FLOPs of one step as (teacher, student): 2 per multiply-add; forward only for the
-    teacher, forward + backward (3x) for the student; matmul weights plus attention's two (T x T)
-    products; the vocabulary head only when L_ce needs it on every row."""
-    def per_token(c):
-        H, I = c.hidden_size, c.intermediate_size
-        layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq_len * H
-        return c.n_layer * layer + (2 * (H * H + H * c.vocab_size) if ce else 0)
-    return n_tokens * per_token(teacher_cfg), 3 * n_tokens * per_token(student_cfg)
-
-
-def pretrain(cfg: PretrainConfig):
-    from data import (Batches, collate, data_dir, load_corpus, load_tokenizer, mask_batch,
-                      special_ids, token_probs)
+    Which rows get vocabulary logits: the (N, V) head is about a quarter of the student's FLOPs, so
+    it runs only where a loss reads it. L_ce compares the teacher's and the student's distributions
+    on every real token, masked or not (as the reference's `mlm_mask` of all non-pad tokens); L_mlm
+    only needs the ~15% of rows that the MLM predicts. So with L_ce on, the student computes logits
+    on all N rows and L_mlm picks its rows from them; with L_ce off, logits on the predicted rows
+    only; with both off, none. The teacher's logits are computed only for L_ce.
+    """
     from losses import L_ce, L_cos, L_mlm, total_loss
-    from model import BERT, BertConfig
-
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)) if ddp else None)
-    if ddp:
-        if device.type == "cuda":  # NCCL and all_gather_object use the current device: one GPU per rank
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    out = Path(cfg.out)
-    if cfg.dtype not in ("float32", "bfloat16") or cfg.teacher_dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError("--dtype takes float32 or bfloat16; --teacher-dtype auto, float32 or bfloat16")
-    if min(cfg.grad_accum, cfg.log_every, cfg.save_every, cfg.batch_size) < 1:
-        raise UserError("--grad-accum, --log-every, --save-every and --batch-size must be at least 1")
-    if min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos) < 0 or cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos == 0:
-        raise UserError("the loss weights --alpha-ce/--alpha-mlm/--alpha-cos must be >= 0, not all 0")
-    state = None if cfg.benchmark else check_out_dir(cfg, out, world)
-
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed)
-    if cfg.benchmark:
-        teacher = BERT(BertConfig.preset("bert-base-uncased"))
-        say("benchmark: random BERT-base teacher, full-length random batches, nothing saved")
+    (t_dtype, s_dtype), device = dtypes, input_ids.device.type
+    real = attention_mask.bool()  # (B, T)
+    labels = labels[real]  # (N,) the original id where the MLM predicts, else -100
+    predicted = labels != -100  # (N,)
+    with torch.no_grad(), torch.autocast(device, t_dtype, enabled=t_dtype != torch.float32):
+        t_out = teacher(input_ids, attention_mask, return_logits=False)
+        t_hidden = t_out.hidden_states[-1][real]  # (N, H)
+        t_logits = teacher.mlm_logits(t_hidden) if cfg.alpha_ce > 0 else None  # (N, V)
+    if cfg.alpha_ce > 0:
+        logit_rows = slice(None)
     else:
-        teacher = BERT.from_pretrained(cfg.teacher)
-    if cfg.alpha_ce > 0 and not teacher.config.mlm_head:
-        raise UserError(f"the teacher {cfg.teacher} has no MLM head, so there are no soft targets for "
-                        f"L_ce: pass --alpha-ce 0 (and --alpha-mlm 0 to skip the untrained head)")
-    if cfg.seq_len > teacher.config.max_position_embeddings:
-        raise UserError(f"--seq-len {cfg.seq_len}: the teacher has only "
-                        f"{teacher.config.max_position_embeddings} positions")
-    student, layers = init_student(teacher, cfg.n_layer)
-    say(f"teacher {cfg.teacher}: {teacher.config.n_layer} layers, {teacher.num_params() / 1e6:.1f}M "
-        f"params; student: layers {layers}, {student.num_params() / 1e6:.1f}M params")
-
-    if cfg.benchmark:
-        V, T = teacher.config.vocab_size, cfg.seq_len
-        seqs, probs = None, torch.ones(V)
-        probs[:104] = 0  # [PAD], [unused*], [UNK], [CLS], [SEP], [MASK] in BERT's vocabulary
-        ids = {"pad": 0, "mask": 103}
-        batches = Batches([T] * (cfg.batch_size * world * 4), cfg.batch_size, cfg.seed, rank, world)
-    else:
-        tok = load_tokenizer(teacher.source_dir)
-        ids = special_ids(tok)
-        load = lambda: load_corpus(cfg.data, tok, data_dir(cfg.data_dir), data_fraction=cfg.data_fraction,
-                                   seq_len=cfg.seq_len)
-        seqs = load() if master else None  # rank 0 tokenises and caches first; the others read the cache
-        if ddp:
-            torch.distributed.barrier()
-        seqs = seqs if master else load()
-        probs = token_probs(seqs, teacher.config.vocab_size, ids.values(), cfg.mlm_smoothing)
-        batches = Batches(seqs.lengths, cfg.batch_size, cfg.seed, rank, world)
-        say(f"data {cfg.data}: {seqs.stats['sequences']} sequences, {seqs.stats['tokens']} tokens, "
-            f"{len(batches)} batches of {cfg.batch_size} per process and epoch")
-
-    steps_per_epoch = max(1, len(batches) // cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    if cfg.max_steps == 0:
-        if master:
-            student.save_pretrained(out)
-        say(f"--max-steps 0: saved the initialised student to {out}")
-        if ddp:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        return student
-
-    # The frozen teacher only gives targets: run it in bfloat16 where that is the faster matmul.
-    teacher.to(device).eval().requires_grad_(False)
-    student.to(device).train()
-    peaks = {dt: measure_peak_flops(device, dt) for dt in (torch.float32, torch.bfloat16)}
-    # "auto" is decided by timing once and then saved, so a resumed run keeps the same targets.
-    choice = state["teacher_dtype"] if state is not None else cfg.teacher_dtype
-    t_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(choice) or \
-        max(peaks, key=peaks.get)
-    s_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    teacher.to(t_dtype)
-    say(f"device {device}, student {cfg.dtype}, teacher {str(t_dtype)[6:]}; peak matmul "
-        f"{peaks[torch.float32] / 1e9:.0f} GFLOP/s float32, {peaks[torch.bfloat16] / 1e9:.0f} bfloat16")
-
-    decay = [p for p in student.parameters() if p.dim() >= 2]
-    no_decay = [p for p in student.parameters() if p.dim() < 2]  # biases and LayerNorm
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
-                            fused=True)  # one kernel over all tensors: on CPU the default loops, 8x slower
-    warmup = math.ceil(cfg.warmup * total_steps)
-    lr_at = lambda s: cfg.lr * (s / warmup if s < warmup else
-                                max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    model = Distillable(student)
-    if ddp:
-        unused = cfg.alpha_ce == 0 and cfg.alpha_mlm == 0  # then the MLM head gets no gradient
-        model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused)
-    # Masking has its own stream, apart from dropout's (seeded with seed + rank above).
-    gen = torch.Generator(device=device).manual_seed(1_000_003 * (cfg.seed + 1) + rank)
-    step, epoch, position = 0, 0, 0
-    if state is not None:
-        step, (epoch, position) = state["step"], state["data_position"]
-        opt.load_state_dict(state["optimizer"])
-        student.load_state_dict(BERT.from_pretrained(str(state["dir"])).state_dict())
-        torch.set_rng_state(state["rng"]["torch"][rank])
-        if device.type == "cuda":  # dropout on the GPU draws from the device's generator
-            torch.cuda.set_rng_state(state["rng"]["cuda"][rank], device)
-        gen.set_state(state["rng"]["mask"][rank])
-        say(f"resumed from {state['dir']} at step {step}")
-
+        logit_rows = predicted if cfg.alpha_mlm > 0 else None
+    with torch.autocast(device, s_dtype, enabled=s_dtype != torch.float32):
+        s_hidden, s_logits = student(input_ids, attention_mask, real, logit_rows)
+    terms = {}
+    if cfg.alpha_ce > 0:
+        terms["ce"] = L_ce(s_logits, t_logits, cfg.temperature)
+        s_logits = s_logits[predicted]  # from here on, the predicted rows only
+    if cfg.alpha_mlm > 0:
+        terms["mlm"] = L_mlm(s_logits, labels[predicted])
+    if cfg.alpha_cos > 0:
+        terms["cos"] = L_cos(s_hidden, t_hidden.float())
     weights = {"ce": cfg.alpha_ce, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos}
-    stream = batches.stream(epoch, position)
-    log_path = out / "train_log.jsonl"
-    logged_at = step
-    if state is not None and master and log_path.is_file():  # drop lines logged after the checkpoint
-        lines = log_path.read_text().splitlines()
-        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    t0, tokens, busy = time.perf_counter(), 0, 0.0  # busy: seconds the work would take at peak
-    while step < total_steps:
-        sums = {k: 0.0 for k in ("loss", "ce", "mlm", "cos")}
-        for micro in range(cfg.grad_accum):
-            epoch, i, idx = next(stream)
-            if cfg.benchmark:
-                input_ids = torch.randint(104, V, (len(idx), T))
-                attention_mask = torch.ones_like(input_ids)
-            else:
-                input_ids, attention_mask = collate(seqs, idx, ids["pad"])
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            input_ids, labels = mask_batch(input_ids, attention_mask, probs, ids["mask"],
-                                           teacher.config.vocab_size, gen, cfg.mlm_mask_prop)
-            keep = attention_mask.bool()
-            labels = labels[keep]  # (N,) one per non-pad token
-            with torch.no_grad(), torch.autocast(device.type, t_dtype, enabled=t_dtype != torch.float32):
-                t_h = teacher(input_ids, attention_mask, logits=False).hidden_states[-1][keep]  # (N, H)
-                t_logits = teacher.mlm_logits(t_h) if cfg.alpha_ce > 0 else None
-            sel = labels != -100  # the MLM's predicted positions, about 15% of the rows
-            # L_ce needs logits on every row; L_mlm alone only on the predicted ones.
-            rows = (slice(None) if cfg.alpha_ce > 0 else sel) if cfg.alpha_ce + cfg.alpha_mlm > 0 else None
-            sync_now = not ddp or micro == cfg.grad_accum - 1
-            ctx = model.no_sync() if not sync_now else torch.enable_grad()
-            with ctx:
-                with torch.autocast(device.type, s_dtype, enabled=s_dtype != torch.float32):
-                    s_logits, s_h = model(input_ids, attention_mask, keep, rows)
-                terms = {}
-                if cfg.alpha_ce > 0:
-                    terms["ce"] = L_ce(s_logits, t_logits, cfg.temperature)
-                if cfg.alpha_mlm > 0:
-                    terms["mlm"] = L_mlm(s_logits[sel] if cfg.alpha_ce > 0 else s_logits, labels[sel])
-                if cfg.alpha_cos > 0:
-                    terms["cos"] = L_cos(s_h, t_h.float())
-                loss = total_loss(terms, weights)
-                (loss / cfg.grad_accum).backward()
-            for k, v in terms.items():
-                sums[k] += v.item() / cfg.grad_accum
-            sums["loss"] += loss.item() / cfg.grad_accum
-            n = int(keep.sum())
-            tokens += n * world
-            f_t, f_s = step_flops(teacher.config, student.config, n, input_ids.shape[1], cfg.alpha_ce > 0)
-            busy += f_t / peaks[t_dtype] + f_s / peaks[s_dtype]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if step % cfg.log_every == 0 or step == total_steps:
-            sync(device)
-            dt = time.perf_counter() - t0
-            n_steps = step - logged_at
-            mfu = busy / dt  # each process measured its own peak, so no factor of world
-            rec = {"step": step, "loss": sums["loss"], "loss_ce": sums["ce"], "loss_mlm": sums["mlm"],
-                   "loss_cos": sums["cos"], "lr": lr_at(step - 1), "grad_norm": grad_norm,
-                   "ms": 1000 * dt / n_steps, "tokens_per_s": tokens / dt, "mfu": mfu}
-            say(f"step {step:5d}/{total_steps} | loss {rec['loss']:.4f} | ce {rec['loss_ce']:.4f} | "
-                f"mlm {rec['loss_mlm']:.4f} | cos {rec['loss_cos']:.4f} | lr {rec['lr']:.2e} | "
-                f"grad norm {grad_norm:.3f} | {rec['ms']:.0f} ms | {rec['tokens_per_s']:.0f} tokens/s | "
-                f"MFU {100 * mfu:.1f}%")
-            if master and not cfg.benchmark:
+    return total_loss(terms, weights), terms
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+RUN_MARKER = "tinydistil-run.json"  # marks --out as ours: --overwrite only ever replaces our own files
+RUN_FILES = (RUN_MARKER, "checkpoints", "train_log.jsonl", "model.safetensors", "config.json",
+             "tokenizer.json", "vocab.txt", "tokenizer_config.json")
+RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device", "data_dir"}
+
+
+class claim_out_dir:
+    """`with claim_out_dir(cfg, out, master):` --out must be new, empty, or a tinydistil run of its own
+    (then --resume or --overwrite): a user's files are never overwritten. The folder is created and
+    written to before the teacher loads, so a bad path fails in a second, not after the run; if the
+    run then fails before its first checkpoint, a folder this call created is removed again."""
+
+    def __init__(self, cfg, out: Path, master: bool):
+        self.out, self.created = out, False
+        if master:
+            self.created = not out.exists()
+            check_out_dir(cfg, out)
+            try:
                 out.mkdir(parents=True, exist_ok=True)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            t0, tokens, busy, logged_at = time.perf_counter(), 0, 0.0, step
-        if not cfg.benchmark and (step % cfg.save_every == 0 or step == total_steps):
-            t_save = time.perf_counter()
-            save_checkpoint(cfg, out, student, opt, step, (epoch, i + 1), gen, ddp, master, world,
-                            str(t_dtype).removeprefix("torch."))
-            t0 += time.perf_counter() - t_save  # the log's speed is the training's, not the disk's
-    if cfg.benchmark:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        cuda_mem = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else 0
-        say(f"peak memory: {rss:.0f} MiB resident" + (f", {cuda_mem:.0f} MiB CUDA" if cuda_mem else ""))
-    if ddp:  # rank 0 may still be saving; tearing gloo down under it aborts the other ranks
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return student
+                atomic_write(out / RUN_MARKER, json.dumps({"config": asdict(cfg)}, indent=1).encode())
+            except OSError as e:
+                raise UserError(f"cannot write to --out {out} ({e.strerror}): give a folder you can "
+                                f"write to") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None and self.created and not (self.out / "checkpoints").exists():
+            shutil.rmtree(self.out, ignore_errors=True)
 
 
-def resolve_device(name: str, local_rank=None) -> torch.device:
-    """--device as a torch.device; under torchrun a bare "cuda" means this process's own GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and local_rank is not None:
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device: use auto, cpu or cuda[:N]") from None
-
-
-# Options that may differ between a run and its resumption (they do not change the result).
-RESUME_FREE = {"resume", "log_every", "save_every", "device", "data_dir"}
-
-
-def check_out_dir(cfg, out: Path, world: int):
-    """Refuse to overwrite a run; on --resume load its last complete checkpoint's state."""
+def check_out_dir(cfg, out: Path):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a new or empty folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    ours = RUN_MARKER in entries
+    if entries and not ours:
+        raise UserError(f"--out {out} holds files that are not a tinydistil run ({', '.join(entries[:4])}"
+                        f"{', ...' if len(entries) > 4 else ''}): give a new or empty folder")
     latest = out / "checkpoints" / "latest"
-    if not cfg.resume:
-        if latest.is_file():
-            raise UserError(f"{out} already holds a run (checkpoint {latest.read_text().strip()}): "
-                            f"pass --resume to continue it, or choose another --out")
-        return None
-    if not latest.is_file():
+    if cfg.resume and not latest.is_file():
         raise UserError(f"--resume: {out} has no complete checkpoint to continue from")
-    ckpt = out / "checkpoints" / latest.read_text().strip()
+    if ours and not (cfg.resume or cfg.overwrite):
+        held = f"checkpoint {latest.read_text().strip()}" if latest.is_file() else "a student"
+        raise UserError(f"{out} already holds a tinydistil run ({held}): pass --resume to continue "
+                        f"it, --overwrite to replace it, or choose another --out")
+    if ours and cfg.overwrite:
+        replaced = [name for name in RUN_FILES if (out / name).exists()]
+        print(f"--overwrite: replacing {', '.join(replaced)} in {out}")
+        for name in replaced:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(out: Path, student, opt, step, data_position, mask_gen, cfg, dist):
+    """checkpoints/step-N/ (the student + train_state.pt) is written under a temporary name and
+    renamed when complete, then checkpoints/latest points at it: a kill at any moment leaves the
+    previous checkpoint whole. The student is also saved at the top of --out for `eval`."""
+    rng = {"torch": [torch.get_rng_state()], "mask": [mask_gen.get_state()],
+           "cuda": [torch.cuda.get_rng_state(mask_gen.device) if mask_gen.device.type == "cuda"
+                    else None]}
+    if dist.world > 1:  # every rank has its own dropout and masking streams
+        gathered = [None] * dist.world
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = {k: [g[k][0] for g in gathered] for k in rng}
+    if dist.rank != 0:
+        return
+    ckpts = out / "checkpoints"
+    final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    torch.save({"step": step, "data_position": data_position, "optimizer": opt.state_dict(),
+                "rng": rng, "config": asdict(cfg)}, tmp / "train_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write(ckpts / "latest", final.name.encode())
+    for old in ckpts.glob("step-*"):
+        if old.name != final.name:
+            shutil.rmtree(old, ignore_errors=True)
+    student.save_pretrained(out)
+
+
+def read_checkpoint(cfg, out: Path, world: int) -> dict:
+    """The last complete checkpoint's train_state, after checking it belongs to this very run."""
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     try:
         state = torch.load(ckpt / "train_state.pt", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
@@ -384,71 +352,403 @@ def check_out_dir(cfg, out: Path, world: int):
     if len(state["rng"]["torch"]) != world:
         raise UserError(f"--resume: {out} was trained by {len(state['rng']['torch'])} processes, "
                         f"this run has {world}: resume with the same number")
-    diff = [k for k, v in asdict(cfg).items() if k not in RESUME_FREE and saved.get(k) != v]
-    if diff:
+    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if changed:  # the step count sets the lr schedule, the seed the masks: all must match
         raise UserError(f"--resume: {out} was trained with other settings ("
                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} not {getattr(cfg, k)}"
-                                    for k in diff) + "): pass the same arguments")
+                                    for k in changed) + "): pass the same arguments")
     return {**state, "dir": ckpt}
 
 
-def save_checkpoint(cfg, out, student, opt, step, position, gen, ddp, master, world, teacher_dtype):
-    """checkpoints/step-N/ (the student + train_state.pt) is written under a temporary name and
-    renamed when complete, then checkpoints/latest points at it: a kill at any moment leaves the
-    previous checkpoint whole. The student is also saved at the top of --out for `eval`."""
-    rng = {"torch": [torch.get_rng_state()], "mask": [gen.get_state()],
-           "cuda": [torch.cuda.get_rng_state(gen.device) if gen.device.type == "cuda" else None]}
-    if ddp:  # every rank has its own dropout and masking streams
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, rng)
-        rng = {k: [g[k][0] for g in gathered] for k in rng}
-    if not master:
-        return
-    ckpts = out / "checkpoints"
-    final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    torch.save({"step": step, "data_position": position, "optimizer": opt.state_dict(),
-                "rng": rng, "config": asdict(cfg), "teacher_dtype": teacher_dtype}, tmp / "train_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    (ckpts / "latest.tmp").write_text(final.name)
-    os.replace(ckpts / "latest.tmp", ckpts / "latest")
-    for old in ckpts.glob("step-*"):
-        if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
-    student.save_pretrained(out)
+def restore_checkpoint(state, student, opt, mask_gen, rank, out: Path, master: bool):
+    """Weights, optimizer, random streams and data position of a checkpoint: the run continues
+    bit for bit as if never stopped. Log lines written after the checkpoint are dropped."""
+    from model import BERT
+    student.load_state_dict(BERT.from_pretrained(str(state["dir"])).state_dict())
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"][rank])
+    if mask_gen.device.type == "cuda":  # dropout on the GPU draws from the device's generator
+        torch.cuda.set_rng_state(state["rng"]["cuda"][rank], mask_gen.device)
+    mask_gen.set_state(state["rng"]["mask"][rank])
+    log_path = out / "train_log.jsonl"
+    if master and log_path.is_file():
+        lines = log_path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= state["step"]]
+        atomic_write(log_path, "".join(line + "\n" for line in kept).encode())
+    return state["step"], state["data_position"]
 
 
+# ----------------------------------------------------------------------------- processes, signals, logs
+
+@dataclass
+class Distributed:
+    rank: int
+    world: int
+    device: torch.device
+
+
+def start_processes(device_name: str) -> Distributed:
+    """DDP when launched by torchrun (one process per GPU: nccl; on CPU: gloo), else one process."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Distributed(0, 1, pick_device(device_name))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":  # NCCL and all_gather_object use the current device: one GPU per rank
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world, device)
+
+
+def stop_processes(dist: Distributed):
+    if dist.world > 1:  # rank 0 may still be saving; tearing gloo down under it aborts the others
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: the run saved a checkpoint and stops; main() exits with 128 + the signal."""
+
+
+class StopSignal:
+    """SIGTERM (what a cluster sends before preemption) lets the current step finish; the loop then
+    saves a checkpoint and stops. Under DDP every rank must agree, so the flag is all-reduced."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = True
+
+    def agreed(self, dist: Distributed) -> bool:
+        if dist.world == 1:
+            return self.received
+        flag = torch.tensor([float(self.received)], device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def has_bfloat16_matmul(device: torch.device) -> bool:
+    """bfloat16 matmuls run natively on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere they are
+    emulated, and their speed is no peak to measure utilisation against."""
+    if device.type == "cuda":
+        return True
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_PEAKS = {}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """FLOP/s of the best of several large square matmuls: the denominator of MFU (no vendor table,
+    CPU included), or None for bfloat16 where it is emulated. Measured once per process."""
+    if dtype == torch.bfloat16 and not has_bfloat16_matmul(device):
+        return None
+    if (device, dtype) not in _PEAKS:
+        n = 4096 if device.type == "cuda" else 2048
+        gen = torch.Generator(device).manual_seed(0)  # not the global stream: resumption replays it
+        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        best = float("inf")
+        with torch.inference_mode():
+            for _ in range(4):  # the first warms up; the best of the rest is the least disturbed
+                sync(device)
+                t0 = time.perf_counter()
+                a @ b
+                sync(device)
+                best = min(best, time.perf_counter() - t0)
+        _PEAKS[(device, dtype)] = 2 * n ** 3 / best
+    return _PEAKS[(device, dtype)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_token(cfg, seq_len: int, with_head: bool) -> float:
+    """Model FLOPs of one token's forward: 2 per multiply-add in the layers' matmuls, attention's two
+    (T x T) products, and the vocabulary head when a loss needs it on every row (L_ce)."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq_len * H
+    return cfg.n_layer * layer + (2 * (H * H + H * cfg.vocab_size) if with_head else 0)
+
+
+class TrainLog:
+    """One `|`-separated line per log interval: step, loss terms, lr, grad norm, ms/step, tokens/s,
+    MFU and ETA, also appended to --out/train_log.jsonl; a tqdm bar over the steps (rank 0 only).
+    MFU = model FLOPs done / (seconds x peak FLOP/s of each model's dtype); the teacher runs forward
+    only, the student forward and backward (3x). The peak is the best matmul speed seen so far."""
+
+    def __init__(self, cfg, models, dtypes, dist, total_steps, step):
+        self.cfg, self.models, self.dtypes, self.dist = cfg, models, dtypes, dist
+        self.total, self.logged_at, self.peak_scale = total_steps, step, 1.0
+        self.peaks = [peak_flops(dist.device, dtype) for dtype in dtypes]
+        self.path = Path(cfg.out) / "train_log.jsonl"
+        self.bar = tqdm(total=total_steps, initial=step, unit="step", disable=dist.rank != 0,
+                        dynamic_ncols=True, leave=False)
+        self.reset()
+
+    def reset(self):
+        self.sums, self.tokens, self.busy, self.t0 = {}, 0, 0.0, time.perf_counter()
+
+    def add(self, loss, terms, n_tokens: int, seq_len: int):
+        """After each micro-batch: its loss terms (averaged over the step), tokens and FLOPs."""
+        for name, value in {"loss": loss, **terms}.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.item() / self.cfg.grad_accum
+        self.tokens += n_tokens * self.dist.world
+        with_head = self.cfg.alpha_ce > 0
+        for model, peak, passes in zip(self.models, self.peaks, (1, 3)):
+            flops = passes * n_tokens * flops_per_token(model.config, seq_len, with_head)
+            self.busy += flops / peak if peak else float("nan")
+
+    def step(self, step: int, lr: float, grad_norm: float):
+        self.bar.update()
+        if step % self.cfg.log_every and step != self.total:
+            return
+        sync(self.dist.device)
+        seconds = time.perf_counter() - self.t0
+        ms = 1000 * seconds / (step - self.logged_at)
+        self.peak_scale = max(self.peak_scale, self.busy / seconds)  # never above 100%
+        mfu = self.busy / seconds / self.peak_scale
+        rec = {"step": step, "loss": self.sums["loss"], **{f"loss_{k}": self.sums.get(k, 0.0)
+               for k in ("ce", "mlm", "cos")}, "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
+               "tokens_per_s": self.tokens / seconds, "mfu": None if math.isnan(mfu) else mfu}
+        eta = time.strftime("%H:%M:%S", time.gmtime(ms / 1000 * (self.total - step)))
+        terms = " | ".join(f"{k} {rec['loss_' + k]:.4f}" for k in ("ce", "mlm", "cos"))
+        mfu_text = "MFU unknown (no native bfloat16)" if rec["mfu"] is None else f"MFU {100 * mfu:.1f}%"
+        if self.dist.rank == 0:
+            self.bar.write(f"step {step:5d}/{self.total} | loss {rec['loss']:.4f} | {terms} | "
+                           f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {ms:.0f} ms/step | "
+                           f"{rec['tokens_per_s']:.0f} tokens/s | {mfu_text} | ETA {eta}")
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.logged_at = step
+        self.reset()
+
+    def pause(self, seconds: float):
+        self.t0 += seconds  # the log's speed is the training's, not the disk's
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+def load_teacher(cfg):
+    """The teacher (paper: bert-base-uncased), checked against the settings that depend on it."""
+    from model import BERT
+    teacher = BERT.from_pretrained(cfg.teacher)
+    if cfg.alpha_ce > 0 and not teacher.config.mlm_head:
+        raise UserError(f"the teacher {cfg.teacher} has no MLM head, so there are no soft targets for "
+                        f"L_ce: pass --alpha-ce 0 (and --alpha-mlm 0 to skip the untrained head)")
+    if cfg.seq_len > teacher.config.max_position_embeddings:
+        raise UserError(f"--seq-len {cfg.seq_len}: the teacher has only "
+                        f"{teacher.config.max_position_embeddings} positions")
+    layer_map(teacher.config.n_layer, cfg.n_layer)  # a student deeper than its teacher is refused
+    return teacher
+
+
+def load_data(cfg, teacher, dist):
+    """The corpus in the teacher's tokenizer, the masking weights of its tokens, and the batches.
+    Rank 0 tokenises and writes the cache first; the other ranks then read it."""
+    from data import Batches, data_dir, load_corpus, load_tokenizer, special_ids, token_probs
+    tok = load_tokenizer(teacher.source_dir)
+    ids = special_ids(tok)
+    seqs = None
+    for turn in ("first", "then"):
+        if (dist.rank == 0) == (turn == "first"):
+            seqs = load_corpus(cfg.data, tok, data_dir(cfg.data_dir), data_fraction=cfg.data_fraction,
+                               seq_len=cfg.seq_len)
+        if dist.world > 1:
+            torch.distributed.barrier()
+    probs = token_probs(seqs, teacher.config.vocab_size, ids.values(), cfg.mlm_smoothing)
+    batches = Batches(seqs.lengths, cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    if dist.rank == 0:
+        print(f"data {cfg.data}: {seqs.stats['sequences']} sequences, {seqs.stats['tokens']} tokens, "
+              f"{len(batches)} batches of {cfg.batch_size} per process and epoch")
+    return Corpus(seqs, ids, probs, batches)
+
+
+@dataclass
+class Corpus:
+    seqs: object  # data.Sequences: token ids of every sequence
+    ids: dict  # special token -> id
+    probs: torch.Tensor  # (V,) masking weight of each token id
+    batches: object  # data.Batches: this rank's length-grouped batches
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pretrain(cfg: PretrainConfig):
+    """Distil a student from cfg.teacher (paper sections 2 and 3) into cfg.out; returns the student."""
+    from model import configure_optimizers
+    cfg = resolve_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_config(cfg)
+    dist = start_processes(cfg.device)
+    out, master = Path(cfg.out), dist.rank == 0
+    echo = print if master else quiet
+    with claim_out_dir(cfg, out, master):
+        state = read_checkpoint(cfg, out, dist.world) if cfg.resume else None
+        echo(describe_recipe(cfg, dist.world))
+        torch.manual_seed(cfg.seed + dist.rank)  # dropout (and a random student) differ per rank
+        random.seed(cfg.seed)
+
+        # The teacher, the corpus, and the student made from the teacher (section 2).
+        teacher = load_teacher(cfg)
+        corpus = load_data(cfg, teacher, dist)
+        student, layers = init_student(teacher, cfg.n_layer, cfg.student_init, cfg.train_positions)
+        echo(f"student: {cfg.student_init} init from teacher layers {layers}, "
+             f"{student.num_params() / 1e6:.1f}M params (teacher {teacher.num_params() / 1e6:.1f}M), "
+             f"position embeddings {'trained' if cfg.train_positions else 'frozen'}")
+        total_steps = cfg.max_steps
+        if total_steps is None:
+            total_steps = cfg.epochs * max(1, len(corpus.batches) // cfg.grad_accum)
+        if total_steps == 0:
+            if master:
+                student.save_pretrained(out)
+            echo(f"--max-steps 0: saved the initialised student to {out}")
+            stop_processes(dist)
+            return student
+
+        # Optimisation (section 3): AdamW as the reference (betas 0.9/0.98, eps 1e-6), linear
+        # warm-up then decay, gradient clipping. The frozen teacher runs in its own precision.
+        dtypes = (DTYPES[cfg.teacher_dtype], DTYPES[cfg.dtype])
+        teacher.to(dist.device, dtypes[0]).eval().requires_grad_(False)
+        student.to(dist.device).train()
+        opt = configure_optimizers(student, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
+        model = StudentForDistillation(student)
+        if dist.world > 1:  # with L_ce and L_mlm both off, the MLM head gets no gradient
+            model = nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=cfg.alpha_ce == cfg.alpha_mlm == 0)
+        # Masking draws from its own random stream, apart from dropout's.
+        mask_gen = torch.Generator(dist.device).manual_seed(1_000_003 * (cfg.seed + 1) + dist.rank)
+        step, data_position = 0, (0, 0)
+        if state is not None:
+            step, data_position = restore_checkpoint(state, student, opt, mask_gen, dist.rank, out,
+                                                     master)
+            echo(f"resumed from {state['dir']} at step {step}")
+        run = Run(cfg, teacher, model, opt, corpus, mask_gen, dtypes, dist, total_steps)
+        distil(run, step, data_position)
+        echo(f"saved the student to {out}; fine-tune it with: "
+             f"python tinydistil.py eval sst2 --model {out}")
+        stop_processes(dist)
+        return student
+
+
+@dataclass
+class Run:
+    """What the loop works with, made by pretrain() in the paper's order."""
+    cfg: PretrainConfig
+    teacher: nn.Module
+    model: nn.Module  # StudentForDistillation, wrapped in DDP when there are several processes
+    opt: torch.optim.Optimizer
+    corpus: "Corpus"
+    mask_gen: torch.Generator
+    dtypes: tuple  # (teacher dtype, student dtype)
+    dist: Distributed
+    total_steps: int
+
+
+def distil(run: Run, step: int, data_position: tuple):
+    """The training loop, from step on: one optimizer step per cfg.grad_accum micro-batches."""
+    from data import collate, mask_batch
+    cfg, dist, corpus, student = run.cfg, run.dist, run.corpus, unwrap(run.model).student
+    stream = corpus.batches.stream(*data_position)
+    save_every = cfg.save_every or max(1, math.ceil(run.total_steps / 5))
+    warmup = warmup_steps(run.total_steps, cfg.warmup)
+    log = TrainLog(cfg, (run.teacher, student), run.dtypes, dist, run.total_steps, step)
+    stop = StopSignal()
+    try:
+        while step < run.total_steps:
+            # Micro-batches, each masked afresh (dynamic masking, as RoBERTa and the paper); DDP
+            # averages the gradients over processes once, on the last one.
+            for micro in range(cfg.grad_accum):
+                epoch, batch_index, idx = next(stream)
+                input_ids, attention_mask = (t.to(dist.device) for t in collate(corpus.seqs, idx,
+                                                                                 corpus.ids["pad"]))
+                input_ids, labels = mask_batch(input_ids, attention_mask, corpus.probs,
+                                               corpus.ids["mask"], run.teacher.config.vocab_size,
+                                               run.mask_gen, cfg.mlm_mask_prop)
+                with no_sync(run.model, micro < cfg.grad_accum - 1):
+                    loss, terms = distillation_loss(run.teacher, run.model, input_ids,
+                                                    attention_mask, labels, cfg, run.dtypes)
+                    (loss / cfg.grad_accum).backward()
+                log.add(loss, terms, int(attention_mask.sum()), input_ids.shape[1])
+            # The update: the lr warms up then decays linearly; the gradient norm is clipped.
+            lr = cfg.lr * lr_factor(step, run.total_steps, warmup)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+            grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
+            run.opt.step()
+            run.opt.zero_grad(set_to_none=True)
+            step += 1
+            log.step(step, lr, grad_norm)
+            # Save every save_every steps, at the end, and when SIGTERM asks the run to stop.
+            stopping = stop.agreed(dist)
+            if step % save_every == 0 or step == run.total_steps or stopping:
+                t_save = time.perf_counter()
+                save_checkpoint(Path(cfg.out), student, run.opt, step, (epoch, batch_index + 1),
+                                run.mask_gen, cfg, dist)
+                log.pause(time.perf_counter() - t_save)
+            if stopping and step < run.total_steps:
+                raise Preempted(f"stopped by SIGTERM after step {step}, saved in {cfg.out}; "
+                                f"continue with: {resume_command()}")
+    finally:
+        stop.restore()
+        log.bar.close()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def no_sync(model: nn.Module, skip: bool):
+    """DDP's no_sync() on micro-batches whose gradients are only accumulated, else nothing."""
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def quiet(*args, **kwargs):
+    """print() for the ranks other than 0, which keep silent."""
+
+
+def resume_command() -> str:
+    args = sys.argv[1:] if "--resume" in sys.argv else sys.argv[1:] + ["--resume"]
+    return shlex.join(["python", Path(sys.argv[0]).name, *args])
 # ----------------------------------------------------------------------------- fill-mask
 
 @dataclass
 class FillMaskConfig:
     text: str = "the capital of france is [MASK] ."
     model: str = "bert-base-uncased"  # Hub repo id or local folder
-    top_k: int = 5
+    top_k: int = 5                    # predictions shown per [MASK]
 
 
 def fill_mask(cfg: FillMaskConfig):
     """Top-k predictions for each [MASK]: the first check that a teacher loaded right."""
     from data import load_tokenizer, special_ids
     from model import BERT
+    if cfg.top_k < 1:
+        raise UserError(f"--top-k {cfg.top_k}: show at least 1 prediction")
     model = BERT.from_pretrained(cfg.model)
     if not model.config.mlm_head:
         raise UserError(f"{cfg.model} has no MLM head (a bare encoder): fill-mask needs one")
     tok = load_tokenizer(model.source_dir)
-    enc = tok.encode(cfg.text)
-    ids = torch.tensor([enc.ids])
+    ids = torch.tensor([tok.encode(cfg.text).ids])  # (1, T)
     where = (ids[0] == special_ids(tok)["mask"]).nonzero().flatten().tolist()
     if not where:
         raise UserError(f"no [MASK] token in {cfg.text!r}")
     with torch.no_grad():
         probs = model(ids).logits[0].softmax(-1)  # (T, V)
     for pos in where:
-        p, top = probs[pos].topk(cfg.top_k)
+        p, top = probs[pos].topk(min(cfg.top_k, probs.shape[-1]))
         print(f"[MASK] at token {pos}:")
-        for pi, ti in zip(p.tolist(), top.tolist()):
-            print(f"  {pi:.4f}  {tok.id_to_token(ti)}")
+        for prob, token_id in zip(p.tolist(), top.tolist()):
+            print(f"  {prob:.4f}  {tok.id_to_token(token_id)}")
 
 
 # ----------------------------------------------------------------------------- report
@@ -464,26 +764,7 @@ def report(cfg: ReportConfig):
     print(render(cfg.results, cfg.teacher))
 
 
-# ----------------------------------------------------------------------------- argparse
-
-def add_dataclass_args(parser, cls, positional=()):
-    """One option per field, default and type from the dataclass, help from its trailing comment."""
-    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(cls), re.M))
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
-        help_ = f"{comments.get(f.name, '')} (default: {f.default})".strip()
-        if f.name in positional:
-            parser.add_argument(f.name, type=kind, nargs="?" if f.default is not None else None,
-                                default=f.default, help=help_)
-        elif kind is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                default=f.default, help=comments.get(f.name))
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
-                                help=help_, metavar=f.name.upper())
-
+# ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
     from tasks.finetune import EvalConfig, run
@@ -498,12 +779,15 @@ def main(argv=None):
     for name, (cls, positional, _, help_) in commands.items():
         add_dataclass_args(sub.add_parser(name, help=help_, description=help_), cls, positional)
     args = vars(parser.parse_args(argv))
-    cls, _, fn, _ = commands[args.pop("command")]
+    cls, _, command, _ = commands[args.pop("command")]
     try:
-        fn(cls(**args))
+        command(cls(**args))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
