@@ -1,13 +1,13 @@
-"""common.py: the small ideas every part of tinydistil shares, each in one place. Plumbing, not paper.
+"""common.py: the small ideas every part of tinydistil shares, each in one place. Plumbing.
 
     from common import UserError, atomic_write, pick_device, lr_factor, warmup_steps, build_parser
-    raise UserError("one line that says what is wrong and what to do")   # the CLI prints it, exits 1
-    atomic_write(path, b"...")                # a temp file beside path, renamed over it when complete
-    device = pick_device("auto")              # cuda when present, else cpu; a bad name is a UserError
-    lr = peak * lr_factor(step, total, warmup_steps(total, 0.05))   # linear warm-up, then linear decay
+    raise UserError("what is wrong and what to do")  # the CLI prints this one line, exits 1
+    atomic_write(path, b"...")             # a temp file beside path, renamed over it when complete
+    device = pick_device("auto")           # cuda when present, else cpu; a bad name: UserError
+    lr = peak * lr_factor(step, total, warmup_steps(total, 0.05))  # warm-up, then linear decay
 
-The learning-rate schedule is the reference's (transformers get_linear_schedule_with_warmup, used by the
-distillation train.py and by fine-tuning alike), with the warm-up rounded up as both of them round it.
+The learning-rate schedule is the reference's (transformers get_linear_schedule_with_warmup, used
+by the distillation train.py and by fine-tuning alike), the warm-up rounded up as both round it.
 """
 import argparse
 import dataclasses
@@ -28,8 +28,8 @@ class UserError(Exception):
 
 def atomic_write(path, content):
     """Write content (bytes, or a function that writes to a binary file) to a temp file beside path,
-    then rename it into place: a reader never sees half a file, and a kill leaves the old one. The temp
-    name is unique to this call, so processes writing the same path never share a half-written file."""
+    then rename it into place: a reader never sees half a file, and a kill leaves the old one. The
+    temp name is unique to this call, so processes writing one path never share a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -43,8 +43,8 @@ def atomic_write(path, content):
 
 
 def pick_device(name: str = "auto", local_rank=None) -> torch.device:
-    """--device as a torch.device: auto is cuda when present, else cpu; under torchrun (local_rank set)
-    a bare "cuda" means this process's own GPU."""
+    """--device as a torch.device: auto is cuda when present, else cpu; under torchrun (local_rank
+    set) a bare "cuda" means this process's own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and local_rank is not None:
@@ -57,8 +57,9 @@ def pick_device(name: str = "auto", local_rank=None) -> torch.device:
         raise UserError(f"--device {name!r} is not a device: use auto, cpu or cuda[:N]") from None
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {name!r}: tinydistil runs on cpu or cuda")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA devices")
     return device
 
 
@@ -68,8 +69,8 @@ def warmup_steps(total_steps: int, warmup_fraction: float) -> int:
 
 
 def lr_factor(step: int, total_steps: int, warmup: int) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based): rises linearly from 0
-    over `warmup` steps, then falls linearly to 0 at `total_steps`."""
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based): rises linearly from
+    0 over `warmup` steps, then falls linearly to 0 at `total_steps`."""
     if step < warmup:
         return step / max(1, warmup)
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
@@ -103,20 +104,21 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional=()):
     comments, hints = field_comments(cls), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # Optional[X] -> X
+        # Optional[X] -> X
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
         help_ = f"{comments.get(f.name, '')} (default: {f.default})".strip()
         if f.name in positional:
             parser.add_argument(f.name, type=kind, nargs="?", default=f.default, help=help_)
         elif kind is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                default=f.default, help=help_)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, help=help_,
+                                action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
                                 help=help_, metavar=f.name.upper())
 
 
 def build_parser(cls, description: str, positional=()) -> argparse.ArgumentParser:
-    """A parser for one config dataclass (bench.py); tinydistil.py adds one subparser per command."""
+    """A parser for one config dataclass (bench.py); tinydistil.py makes a subparser per command."""
     parser = argparse.ArgumentParser(description=description)
     add_dataclass_args(parser, cls, positional)
     return parser

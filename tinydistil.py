@@ -1,7 +1,7 @@
 """tinydistil.py: the command line. Distil a 6-layer student from BERT-base, fine-tune and score it.
 
     python tinydistil.py pretrain                          # distil bert-base-uncased on WikiText-2
-    python tinydistil.py pretrain --recipe paper           # the reference's batch, length and targets
+    python tinydistil.py pretrain --recipe paper           # the reference's batch, length, targets
     python tinydistil.py eval sst2 --model out/student     # fine-tune and score one task (or glue)
     python tinydistil.py report                            # Tables 1 and 2 beside the paper's
     python tinydistil.py fill-mask "the capital of france is [MASK] ." --model bert-base-uncased
@@ -9,7 +9,8 @@
 
 `pretrain` is the paper's section 2 (student architecture and initialisation, the triple loss
 5 * L_ce + 2 * L_mlm + 1 * L_cos) and section 3 (dynamic masking, large batches, no NSP), following
-the reference scripts (transformers examples/research_projects/distillation: train.py, distiller.py).
+the reference scripts (transformers examples/research_projects/distillation: train.py and
+distiller.py).
 Read it top to bottom: the config and its two recipes, the student's initialisation, the loss of one
 batch, the checkpoints, then `pretrain` itself. Every command's options are the fields of its config
 dataclass; `--help` lists them with defaults.
@@ -43,14 +44,14 @@ from common import (UserError, add_dataclass_args, atomic_write, lr_factor, pick
 class PretrainConfig:
     teacher: str = "bert-base-uncased"   # Hub repo id or local folder of a BERT with MLM head
     out: str = "out/student"             # the student (DistilBERT layout) and its checkpoints
-    recipe: str = "small"                # small (a laptop, minutes) or paper (the reference's settings)
-    data: str = "wikitext-2-raw"         # wikitext-2[-raw], wikitext-103[-raw], a file or folder of text
+    recipe: str = "small"                # small (a laptop, minutes) or paper (the reference's)
+    data: str = "wikitext-2-raw"         # wikitext-2[-raw], wikitext-103[-raw], a text file, folder
     data_fraction: Optional[float] = None  # keep the first fraction of the text; None: the recipe's
     data_dir: Optional[str] = None       # default $TINYDISTIL_DATA, else ~/.cache/tinydistil
-    n_layer: int = 6                     # student depth; teacher layers spread evenly (see layer_map)
-    student_init: str = "teacher"        # teacher: copy its layers (paper); random: the reference init
+    n_layer: int = 6                     # student depth; teacher layers spread evenly (layer_map)
+    student_init: str = "teacher"        # teacher: copy its layers (paper); random: reference init
     train_positions: bool = False        # the reference freezes the position embeddings (see init)
-    max_steps: Optional[int] = None      # optimizer steps, overrides --epochs; 0 saves the initial student
+    max_steps: Optional[int] = None      # optimizer steps, overrides --epochs; 0: save the initial
     epochs: Optional[int] = None         # passes over the data; None: the recipe's
     batch_size: Optional[int] = None     # sequences per micro-batch and process; None: the recipe's
     grad_accum: Optional[int] = None     # micro-batches per optimizer step; None: the recipe's
@@ -94,26 +95,31 @@ def resolve_recipe(cfg: PretrainConfig, world: int) -> PretrainConfig:
     filled = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
     cfg = replace(cfg, **filled)
     if cfg.grad_accum is None:
-        cfg = replace(cfg, grad_accum=max(1, round(PAPER_SEQUENCES_PER_STEP / (cfg.batch_size * world))))
+        per_micro_step = cfg.batch_size * world
+        cfg = replace(cfg, grad_accum=max(1, round(PAPER_SEQUENCES_PER_STEP / per_micro_step)))
     return cfg
 
 
 def check_config(cfg: PretrainConfig):
-    """Every setting that can be judged before anything is loaded: one clear line for the first wrong one."""
+    """Every setting that can be judged before anything loads: one line for the first wrong one."""
     rules = [
         (cfg.lr > 0, f"--lr {cfg.lr}: the learning rate must be positive"),
-        (cfg.max_steps is None or cfg.max_steps >= 0, f"--max-steps {cfg.max_steps}: give 0 or more"),
+        (cfg.max_steps is None or cfg.max_steps >= 0,
+         f"--max-steps {cfg.max_steps}: give 0 or more"),
         (cfg.epochs >= 1, f"--epochs {cfg.epochs}: give at least 1 (or --max-steps)"),
         (min(cfg.batch_size, cfg.grad_accum, cfg.log_every) >= 1,
          "--batch-size, --grad-accum and --log-every must be at least 1"),
         (cfg.save_every is None or cfg.save_every >= 1, "--save-every must be at least 1"),
-        (0 < cfg.data_fraction <= 1, f"--data-fraction {cfg.data_fraction}: give a number in (0, 1]"),
+        (0 < cfg.data_fraction <= 1,
+         f"--data-fraction {cfg.data_fraction}: give a number in (0, 1]"),
         (cfg.seq_len >= 12, f"--seq-len {cfg.seq_len}: sequences under 12 tokens are dropped"),
         (cfg.n_layer >= 1, f"--n-layer {cfg.n_layer}: the student needs at least 1 layer"),
         (min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos) >= 0
-         and cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos > 0, "the loss weights --alpha-ce/--alpha-mlm/--alpha-cos must be >= 0, not all 0"),
+         and cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos > 0,
+         "the loss weights --alpha-ce/--alpha-mlm/--alpha-cos must be >= 0, not all 0"),
         (cfg.temperature > 0, f"--temperature {cfg.temperature}: must be positive"),
-        (0 < cfg.mlm_mask_prop < 1, f"--mlm-mask-prop {cfg.mlm_mask_prop}: give a fraction in (0, 1)"),
+        (0 < cfg.mlm_mask_prop < 1,
+         f"--mlm-mask-prop {cfg.mlm_mask_prop}: give a fraction in (0, 1)"),
         (0 <= cfg.warmup < 1, f"--warmup {cfg.warmup}: give a fraction in [0, 1)"),
         (cfg.weight_decay >= 0 and cfg.max_grad_norm > 0,
          "--weight-decay must be >= 0 and --max-grad-norm positive"),
@@ -131,23 +137,25 @@ def check_config(cfg: PretrainConfig):
 def describe_recipe(cfg: PretrainConfig, world: int) -> str:
     """The first log line: what runs, and how it differs from the reference."""
     per_step = cfg.batch_size * cfg.grad_accum * world
-    line = (f"recipe {cfg.recipe}: {per_step} sequences per step ({cfg.batch_size} x {cfg.grad_accum} "
-            f"accumulated x {world} processes) of up to {cfg.seq_len} tokens, lr {cfg.lr:g}, "
-            f"{cfg.epochs} epochs of {cfg.data_fraction:g} of {cfg.data}, {cfg.teacher_dtype} teacher")
+    line = (f"recipe {cfg.recipe}: {per_step} sequences per step ({cfg.batch_size} x "
+            f"{cfg.grad_accum} accumulated x {world} processes) of up to {cfg.seq_len} tokens, "
+            f"lr {cfg.lr:g}, {cfg.epochs} epochs of {cfg.data_fraction:g} of {cfg.data}, "
+            f"{cfg.teacher_dtype} teacher")
     if cfg.recipe == "small":
         line += (f"; the reference: {PAPER_SEQUENCES_PER_STEP} sequences of up to 512 tokens, "
                  f"float32 teacher, on Wikipedia + BookCorpus (--recipe paper)")
     return line
 
 
-# ----------------------------------------------------------------------------- the student (section 2)
+# ------------------------------------------------------------------------ the student (section 2)
 
 def layer_map(n_teacher: int, n_student: int) -> list:
     """Which teacher layers initialise the student: evenly spaced from the first to the last,
     rounded. For 12 -> 6 this is the reference script's [0, 2, 4, 7, 9, 11] (the paper says
     "taking one layer out of two"; the released code keeps the first and last layer instead)."""
     if not 1 <= n_student <= n_teacher:
-        raise UserError(f"--n-layer {n_student}: the student needs 1 to {n_teacher} layers (the teacher's)")
+        raise UserError(f"--n-layer {n_student}: the student needs 1 to {n_teacher} layers "
+                        f"(the teacher's)")
     if n_student == 1:
         return [0]
     return [math.floor(i * (n_teacher - 1) / (n_student - 1) + 0.5) for i in range(n_student)]
@@ -163,16 +171,17 @@ def init_student(teacher, n_layer: int, how: str = "teacher", train_positions: b
     distillation. train_positions=False does the same. Returns (student, teacher layers used)."""
     from model import BERT
     if teacher.config.layer_norm_eps != 1e-12:  # DistilBERT's config.json cannot record another eps
-        raise UserError(f"the teacher's LayerNorm eps is {teacher.config.layer_norm_eps}; a DistilBERT "
-                        f"student (and its checkpoint) has 1e-12")
+        raise UserError(f"the teacher's LayerNorm eps is {teacher.config.layer_norm_eps}; a "
+                        f"DistilBERT student (and its checkpoint) has 1e-12")
     cfg = replace(teacher.config, model_type="distilbert", n_layer=n_layer, type_vocab_size=0,
                   pooler=False, mlm_head=True)
     student, layers = BERT(cfg), layer_map(teacher.config.n_layer, n_layer)
     copies = []  # (student module, teacher module) pairs with the same parameters
     if how == "teacher":
         t_emb, s_emb = teacher.embeddings, student.embeddings
-        copies += [(s_emb.word_embeddings, t_emb.word_embeddings), (s_emb.LayerNorm, t_emb.LayerNorm),
-                   (s_emb.position_embeddings, t_emb.position_embeddings)]
+        copies += [(s_emb.word_embeddings, t_emb.word_embeddings),
+                   (s_emb.position_embeddings, t_emb.position_embeddings),
+                   (s_emb.LayerNorm, t_emb.LayerNorm)]
         copies += [(student.layers[j], teacher.layers[i]) for j, i in enumerate(layers)]
         if teacher.config.mlm_head:  # a sentence encoder has none: the student's head starts fresh
             copies += [(student.vocab_transform, teacher.vocab_transform),
@@ -213,7 +222,7 @@ class StudentForDistillation(nn.Module):
         return hidden, logits  # logits (rows, V)
 
 
-# ----------------------------------------------------------------------------- the loss of one batch
+# ------------------------------------------------------------------------ the loss of one batch
 
 def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, dtypes):
     """The paper's training loss on one masked micro-batch: alpha_ce * L_ce + alpha_mlm * L_mlm
@@ -256,17 +265,17 @@ def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, 
 
 # ----------------------------------------------------------------------------- the output folder
 
-RUN_MARKER = "tinydistil-run.json"  # marks --out as ours: --overwrite only ever replaces our own files
+RUN_MARKER = "tinydistil-run.json"  # marks --out as ours: --overwrite replaces only our own files
 RUN_FILES = (RUN_MARKER, "checkpoints", "train_log.jsonl", "model.safetensors", "config.json",
              "tokenizer.json", "vocab.txt", "tokenizer_config.json")
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device", "data_dir"}
 
 
 class claim_out_dir:
-    """`with claim_out_dir(cfg, out, master):` --out must be new, empty, or a tinydistil run of its own
-    (then --resume or --overwrite): a user's files are never overwritten. The folder is created and
-    written to before the teacher loads, so a bad path fails in a second, not after the run; if the
-    run then fails before its first checkpoint, a folder this call created is removed again."""
+    """`with claim_out_dir(cfg, out, master):` --out must be new, empty, or a tinydistil run of its
+    own (then --resume or --overwrite): a user's files are never overwritten. The folder is created
+    and written to before the teacher loads, so a bad path fails in a second, not after the run;
+    if the run then fails before its first checkpoint, a folder this call created is removed."""
 
     def __init__(self, cfg, out: Path, master: bool):
         self.out, self.created = out, False
@@ -275,10 +284,11 @@ class claim_out_dir:
             check_out_dir(cfg, out)
             try:
                 out.mkdir(parents=True, exist_ok=True)
-                atomic_write(out / RUN_MARKER, json.dumps({"config": asdict(cfg)}, indent=1).encode())
+                marker = json.dumps({"config": asdict(cfg)}, indent=1)
+                atomic_write(out / RUN_MARKER, marker.encode())
             except OSError as e:
-                raise UserError(f"cannot write to --out {out} ({e.strerror}): give a folder you can "
-                                f"write to") from None
+                raise UserError(f"cannot write to --out {out} ({e.strerror}): give a folder you "
+                                f"can write to") from None
 
     def __enter__(self):
         return self
@@ -294,8 +304,9 @@ def check_out_dir(cfg, out: Path):
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     ours = RUN_MARKER in entries
     if entries and not ours:
-        raise UserError(f"--out {out} holds files that are not a tinydistil run ({', '.join(entries[:4])}"
-                        f"{', ...' if len(entries) > 4 else ''}): give a new or empty folder")
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise UserError(f"--out {out} holds files that are not a tinydistil run ({shown}): give a "
+                        f"new or empty folder")
     latest = out / "checkpoints" / "latest"
     if cfg.resume and not latest.is_file():
         raise UserError(f"--resume: {out} has no complete checkpoint to continue from")
@@ -352,7 +363,8 @@ def read_checkpoint(cfg, out: Path, world: int) -> dict:
     if len(state["rng"]["torch"]) != world:
         raise UserError(f"--resume: {out} was trained by {len(state['rng']['torch'])} processes, "
                         f"this run has {world}: resume with the same number")
-    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    changed = [k for k, v in asdict(cfg).items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if changed:  # the step count sets the lr schedule, the seed the masks: all must match
         raise UserError(f"--resume: {out} was trained with other settings ("
                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} not {getattr(cfg, k)}"
@@ -378,7 +390,7 @@ def restore_checkpoint(state, student, opt, mask_gen, rank, out: Path, master: b
     return state["step"], state["data_position"]
 
 
-# ----------------------------------------------------------------------------- processes, signals, logs
+# ------------------------------------------------------------------------ processes, signals, logs
 
 @dataclass
 class Distributed:
@@ -471,8 +483,8 @@ def sync(device):
 
 
 def flops_per_token(cfg, seq_len: int, with_head: bool) -> float:
-    """Model FLOPs of one token's forward: 2 per multiply-add in the layers' matmuls, attention's two
-    (T x T) products, and the vocabulary head when a loss needs it on every row (L_ce)."""
+    """Model FLOPs of one token's forward: 2 per multiply-add in the layers' matmuls, attention's
+    two (T x T) products, and the vocabulary head when a loss needs it on every row (L_ce)."""
     H, I = cfg.hidden_size, cfg.intermediate_size
     layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq_len * H
     return cfg.n_layer * layer + (2 * (H * H + H * cfg.vocab_size) if with_head else 0)
@@ -520,7 +532,9 @@ class TrainLog:
                "tokens_per_s": self.tokens / seconds, "mfu": None if math.isnan(mfu) else mfu}
         eta = time.strftime("%H:%M:%S", time.gmtime(ms / 1000 * (self.total - step)))
         terms = " | ".join(f"{k} {rec['loss_' + k]:.4f}" for k in ("ce", "mlm", "cos"))
-        mfu_text = "MFU unknown (no native bfloat16)" if rec["mfu"] is None else f"MFU {100 * mfu:.1f}%"
+        mfu_text = f"MFU {100 * mfu:.1f}%"
+        if rec["mfu"] is None:
+            mfu_text = "MFU unknown (no native bfloat16)"
         if self.dist.rank == 0:
             self.bar.write(f"step {step:5d}/{self.total} | loss {rec['loss']:.4f} | {terms} | "
                            f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {ms:.0f} ms/step | "
@@ -541,8 +555,9 @@ def load_teacher(cfg):
     from model import BERT
     teacher = BERT.from_pretrained(cfg.teacher)
     if cfg.alpha_ce > 0 and not teacher.config.mlm_head:
-        raise UserError(f"the teacher {cfg.teacher} has no MLM head, so there are no soft targets for "
-                        f"L_ce: pass --alpha-ce 0 (and --alpha-mlm 0 to skip the untrained head)")
+        raise UserError(f"the teacher {cfg.teacher} has no MLM head, so there are no soft targets "
+                        f"for L_ce: pass --alpha-ce 0 (and --alpha-mlm 0 to skip its untrained "
+                        f"head)")
     if cfg.seq_len > teacher.config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len}: the teacher has only "
                         f"{teacher.config.max_position_embeddings} positions")
@@ -559,15 +574,15 @@ def load_data(cfg, teacher, dist):
     seqs = None
     for turn in ("first", "then"):
         if (dist.rank == 0) == (turn == "first"):
-            seqs = load_corpus(cfg.data, tok, data_dir(cfg.data_dir), data_fraction=cfg.data_fraction,
-                               seq_len=cfg.seq_len)
+            seqs = load_corpus(cfg.data, tok, data_dir(cfg.data_dir),
+                               data_fraction=cfg.data_fraction, seq_len=cfg.seq_len)
         if dist.world > 1:
             torch.distributed.barrier()
     probs = token_probs(seqs, teacher.config.vocab_size, ids.values(), cfg.mlm_smoothing)
     batches = Batches(seqs.lengths, cfg.batch_size, cfg.seed, dist.rank, dist.world)
     if dist.rank == 0:
-        print(f"data {cfg.data}: {seqs.stats['sequences']} sequences, {seqs.stats['tokens']} tokens, "
-              f"{len(batches)} batches of {cfg.batch_size} per process and epoch")
+        print(f"data {cfg.data}: {seqs.stats['sequences']} sequences, {seqs.stats['tokens']} "
+              f"tokens, {len(batches)} batches of {cfg.batch_size} per process and epoch")
     return Corpus(seqs, ids, probs, batches)
 
 
@@ -583,7 +598,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def pretrain(cfg: PretrainConfig):
-    """Distil a student from cfg.teacher (paper sections 2 and 3) into cfg.out; returns the student."""
+    """Distil a student from cfg.teacher (paper sections 2 and 3) into cfg.out; return it."""
     from model import configure_optimizers
     cfg = resolve_recipe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_config(cfg)
@@ -601,8 +616,9 @@ def pretrain(cfg: PretrainConfig):
         corpus = load_data(cfg, teacher, dist)
         student, layers = init_student(teacher, cfg.n_layer, cfg.student_init, cfg.train_positions)
         echo(f"student: {cfg.student_init} init from teacher layers {layers}, "
-             f"{student.num_params() / 1e6:.1f}M params (teacher {teacher.num_params() / 1e6:.1f}M), "
-             f"position embeddings {'trained' if cfg.train_positions else 'frozen'}")
+             f"{student.num_params() / 1e6:.1f}M params (teacher "
+             f"{teacher.num_params() / 1e6:.1f}M),"
+             f" position embeddings {'trained' if cfg.train_positions else 'frozen'}")
         total_steps = cfg.max_steps
         if total_steps is None:
             total_steps = cfg.epochs * max(1, len(corpus.batches) // cfg.grad_accum)
@@ -756,7 +772,7 @@ def fill_mask(cfg: FillMaskConfig):
 @dataclass
 class ReportConfig:
     results: str = "results.jsonl"  # what `eval` appended to
-    teacher: Optional[str] = None   # the model the retention is relative to (default: see tasks/report.py)
+    teacher: Optional[str] = None   # the model retention is relative to (default: tasks/report.py)
 
 
 def report(cfg: ReportConfig):
