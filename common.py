@@ -29,7 +29,7 @@ class UserError(Exception):
 def atomic_write(path, content):
     """Write content (bytes, or a function that writes to a binary file) to a temp file beside path,
     then rename it into place: a reader never sees half a file, and a kill leaves the old one. The
-    temp name is unique to this call, so processes writing one path never share a half-written file."""
+    temp name is unique to this call: processes writing one path never share a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
