@@ -3,7 +3,8 @@
     python -m pytest -q test_new_model.py
 
 Training-mode dropout parity with the reference library (saved outputs; transformers is never
-imported), local checkpoint paths, configure_optimizers' parameter groups, without_mlm_head, frozen parameters.
+imported), local checkpoint paths, configure_optimizers' parameter groups, without_mlm_head, frozen
+parameters.
 """
 import json
 import shutil
