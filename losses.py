@@ -6,7 +6,12 @@ masked language modelling loss L_mlm, and a cosine embedding loss L_cos aligning
 (defaults 5.0 * L_ce + 2.0 * L_mlm + 1.0 * L_cos, as the reference train.py). The formulas follow
 the reference distiller.py. Every term is computed in float32, even under bfloat16 autocast.
 
-Used by `python tinydistil.py pretrain`; tested by `python -m pytest -q test_all.py`.
+Section 4.1, "DistilBERT (D)": a second distillation during fine-tuning, from a teacher already
+fine-tuned on the task, as the reference run_squad_w_distillation.py. Its loss is
+(1 - alpha) * task loss + alpha * KD term, the KD term being L_ce_reference on the class logits,
+L_kd_span on SQuAD's start and end distributions, L_kd_mse for STS-B's regression.
+
+Used by `python tinydistil.py pretrain` and `eval --teacher`; tested by test_all.py.
 """
 import torch
 import torch.nn.functional as F
@@ -52,6 +57,44 @@ class _SoftTargetKL(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_out * ctx.scale).to(ctx.dtype), None, None
+
+
+def L_ce_reference(s_logits, t_logits, temperature=2.0):
+    """L_ce written plainly, same formula and value (L_ce is this, with a hand-written gradient):
+
+        T^2 * KL(softmax(t_logits / T) || softmax(s_logits / T)), batchmean over the N rows
+
+    Autograd keeps a few (N, C) temporaries, nothing at fine-tuning's C = 2 or 3 classes, so the
+    distillation term of fine-tuning (Hinton et al. 2015 soft targets on the task logits) is this.
+    """
+    T = temperature
+    log_q = F.log_softmax(s_logits.float() / T, dim=-1)
+    p = F.softmax(t_logits.detach().float() / T, dim=-1)
+    return T * T * F.kl_div(log_q, p, reduction="batchmean")
+
+
+def L_kd_span(s_logits, t_logits, attention_mask, temperature=2.0):
+    """SQuAD's distillation term (run_squad_w_distillation.py): the mean of the soft-target losses on
+    the start and on the end distributions over each window's tokens, s/t_logits (B, T, 2):
+
+        L_kd_span = (L_ce_reference(s_start, t_start, T) + L_ce_reference(s_end, t_end, T)) / 2
+
+    Unlike the reference, padding is left out of both distributions (probability 0 for the teacher
+    and the student): its logits mean nothing, and then a cached teacher row does not depend on the
+    batch its window was padded in.
+    """
+    pad = ~attention_mask.bool()[..., None]  # (B, T, 1)
+    s = s_logits.float().masked_fill(pad, -1e4)  # exp(-1e4 / T) is 0 in float32: no -inf * 0 nans
+    t = t_logits.float().masked_fill(pad, -1e4)
+    start = L_ce_reference(s[..., 0], t[..., 0], temperature)
+    end = L_ce_reference(s[..., 1], t[..., 1], temperature)
+    return (start + end) / 2
+
+
+def L_kd_mse(s_pred, t_pred):
+    """Distillation for a regression head (STS-B): the mean squared distance to the teacher's
+    prediction, (1/N) * sum_i (s_i - t_i)^2. A score has no distribution, so no temperature."""
+    return F.mse_loss(s_pred.float(), t_pred.detach().float())
 
 
 def L_mlm(s_logits, labels):
