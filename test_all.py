@@ -765,19 +765,20 @@ def test_load_corpus_sequences_and_cache_round_trip(wiki_root, data_tok, monkeyp
     first = [data_tok.id_to_token(int(i)) for i in seqs[0][:8]]
     assert first == ["[CLS]", "the", "tiny", "railway", "is", "a", "narrow", "-"]
     assert ids["unk"] in seqs.ids  # the cleaned <unk> became the tokenizer's [UNK]
-    assert len(list((wiki_root / "cache").glob("*.npz"))) == 1
+    assert len(list((wiki_root / "cache").glob("*/meta.json"))) == 1
 
-    monkeypatch.setattr(data, "corpus_texts", lambda *a: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(data, "iter_texts", lambda *a, **k: pytest.fail("the cache was not used"))
     again = load_corpus("wikitext-2", data_tok, wiki_root, data_fraction=1.0, seq_len=32)
     assert np.array_equal(again.ids, seqs.ids) and np.array_equal(again.offsets, seqs.offsets)
     assert again.stats == seqs.stats
     monkeypatch.undo()
 
     part = load_corpus("wikitext-2", data_tok, wiki_root, data_fraction=0.4, seq_len=32)  # first 2 of 5 texts
-    assert part.stats["texts"] == 2 and len(list((wiki_root / "cache").glob("*.npz"))) == 2
+    assert part.stats["texts"] == 2 and len(list((wiki_root / "cache").glob("*/meta.json"))) == 2
     assert np.array_equal(part.ids, seqs.ids[:len(part.ids)])
 
-    cache = sorted((wiki_root / "cache").glob("*.npz"), key=lambda p: p.stat().st_mtime_ns)[0]
+    cache = sorted((wiki_root / "cache").glob("*/tokens.bin"), key=lambda p: p.stat().st_mtime_ns)[0]
+    cache.unlink()  # seqs maps the old file: damage a new one
     cache.write_bytes(b"garbage")  # a damaged cache is rebuilt
     again = load_corpus("wikitext-2", data_tok, wiki_root, data_fraction=1.0, seq_len=32)
     assert np.array_equal(again.ids, seqs.ids)
