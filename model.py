@@ -52,8 +52,7 @@ class BertConfig:
             return BertConfig()
         if name == "distilbert-base-uncased":
             return BertConfig(model_type="distilbert", n_layer=6, type_vocab_size=0, pooler=False)
-        raise UserError(f"no preset named {name!r}: use bert-base-uncased or "
-                        f"distilbert-base-uncased")
+        raise UserError(f"no preset {name!r}: use bert-base-uncased or distilbert-base-uncased")
 
     @staticmethod
     def from_hf(d: dict) -> "BertConfig":
@@ -207,11 +206,15 @@ class BERT(nn.Module):
         names = {}
         for name, _ in self.named_parameters():  # the tied vocab_projector.weight is not listed
             module, leaf = name.rsplit(".", 1)
-            parts = module.split(".")
-            layer = parts[1] if parts[0] == "layers" else None
-            pattern = ".".join(["layers", "{i}", *parts[2:]]) if layer is not None else module
-            theirs = CHECKPOINT_NAMES[pattern][column].format(i=layer)
-            if pattern not in MLM_HEAD_MODULES:  # the encoder sits under bert. / distilbert.
+            layer = None
+            if module.startswith("layers."):  # layers.3.ffn.lin1 -> layers.{i}.ffn.lin1, i = 3
+                _, layer, rest = module.split(".", 2)
+                module = "layers.{i}." + rest
+            theirs = CHECKPOINT_NAMES[module][column]
+            if theirs is None:
+                raise ValueError(f"a {self.config.model_type} checkpoint has no {module}")
+            theirs = theirs.format(i=layer)
+            if module not in MLM_HEAD_MODULES:  # the encoder sits under bert. / distilbert.
                 theirs = f"{self.config.model_type}.{theirs}"
             names[name] = f"{theirs}.{leaf}"
         return names
@@ -330,11 +333,9 @@ TENSORS_TO_SKIP = POSITION_ID_BUFFERS | TIED_DECODER_COPIES | NSP_HEAD
 
 
 def _without_encoder_prefix(key: str) -> str:
-    """The name in a file saved from a bare BertModel, which has no "bert." prefix."""
-    for layout in LAYOUTS:
-        if key.startswith(layout + "."):
-            return key[len(layout) + 1:]
-    return key
+    """The name in a file saved from a bare BertModel / DistilBertModel: no "bert." prefix."""
+    layout, _, rest = key.partition(".")
+    return rest if layout in LAYOUTS else key
 
 
 def configure_optimizers(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
