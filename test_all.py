@@ -94,7 +94,7 @@ def one_thread():
 # ----------------------------------------------------------------------------- model
 
 # Parity with the reference implementation is checked against its outputs saved beside each committed
-# checkpoint (fixtures/models/*/reference_outputs.safetensors, made once by fixtures/make_fixtures.py).
+# checkpoint (fixtures/models/*/reference_outputs.safetensors, made once by scripts/make_fixtures.py).
 
 CHECKPOINTS = ["tiny-bert", "tiny-bert-legacy", "tiny-bert-encoder", "tiny-distilbert"]
 
