@@ -72,8 +72,9 @@ from losses import L_ce, L_cos, L_mlm, total_loss
 from model import BERT, BertConfig
 from tasks import finetune, glue, imdb, metrics, report, squad
 from tasks.finetune import EvalConfig, TaskModel, run
-from tasks.metrics import (accuracy, f1, glue_score, matthews_corrcoef, normalize_answer, pearson, spearman,
-                           squad_em, squad_f1, task_score)
+from tasks.glue import glue_score, task_score
+from tasks.metrics import (accuracy, f1, matthews_corrcoef, normalize_answer, pearson, spearman,
+                           squad_em, squad_f1)
 from tinydistil import PretrainConfig, init_student, layer_map, pretrain
 
 ROOT = Path(__file__).parent
@@ -1611,6 +1612,7 @@ def test_squad_postprocess_rules():
     ex = [{"id": "q", "question": "who?", "context": context, "answers": [{"text": "Denver", "answer_start": 0}]}]
     words = [(0, 6), (7, 11), (12, 20), (21, 23), (24, 29), (30, 35)]
     feat = {"example_index": 0, "offsets": [None, None, None] + words + [None]}  # [CLS] who ? [SEP] ... [SEP]
+    feat["max_context"] = [o is not None for o in feat["offsets"]]  # one window: every context token
     start = np.array([9, 0, 0, 1, 0, 3, 0, 2, 0, 9.0])  # best start is [CLS] / [SEP]: not context
     end = np.array([9, 0, 0, 0, 0, 4, 0, 0, 2, 9.0])
     assert squad.postprocess(ex, [feat], [start], [end]) == {"q": "Carolina"}  # 3+4 beats 1+4, 2+2
@@ -1674,7 +1676,7 @@ def test_report_errors(tmp_path):
 
 WORDS = ("the of and in to was he is as for on with that it his by at from her she you had an were but be "
          "this are not my they one which or have him me first all also their has up who out been when").split()
-RESULT_KEYS = {"task", "model", "metrics", "seconds", "config"}
+RESULT_KEYS = {"task", "model", "teacher", "metrics", "runs", "seconds", "config"}
 
 
 def sentence(r, good):
@@ -1766,7 +1768,7 @@ def test_stsb_regression_and_saved_checkpoint(finetune_data, tmp_path):
 def test_mnli_reports_matched_and_mismatched(finetune_data, tmp_path):
     line = run_tiny(finetune_data, tmp_path, "mnli", epochs=1, max_eval_examples=10, dtype="bfloat16")
     assert set(line["metrics"]) == {"accuracy_m", "accuracy_mm"}
-    assert 0 <= metrics.task_score("mnli", line["metrics"]) <= 1
+    assert 0 <= glue.task_score("mnli", line["metrics"]) <= 1
 
 
 @pytest.mark.parametrize("model", ["tiny-distilbert", "tiny-bert-legacy"])
@@ -1785,12 +1787,13 @@ def test_squad_runs_and_scores(model, finetune_data, tmp_path):
 def test_glue_runs_all_nine_tasks_on_real_rows(tmp_path):
     lines = run(EvalConfig(task="glue", model=str(MODELS / "tiny-distilbert"), data_dir=str(TASK_FIX),
                            epochs=1, results=str(tmp_path / "results.jsonl")))
-    assert list(lines) == list(metrics.GLUE_TASKS)
+    assert list(lines) == list(glue.TASKS)
     written = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [w["task"] for w in written] == list(metrics.GLUE_TASKS) and all(set(w) == RESULT_KEYS for w in written)
-    results = report.latest(tmp_path / "results.jsonl")[str(MODELS / "tiny-distilbert")]
+    assert [w["task"] for w in written] == list(glue.TASKS) and all(set(w) == RESULT_KEYS for w in written)
+    lines = report.latest(tmp_path / "results.jsonl")[str(MODELS / "tiny-distilbert")]
+    results = {task: line["metrics"] for task, line in lines.items()}
     assert set(results["cola"]) == {"mcc"} and set(results["qqp"]) == {"accuracy", "f1"}
-    assert -1 <= metrics.glue_score(results) <= 1
+    assert -1 <= glue.glue_score(results) <= 1
     assert "| " + str(MODELS / "tiny-distilbert") + " (ours) |" in report.render(tmp_path / "results.jsonl")
 
 
@@ -1847,7 +1850,7 @@ def test_task_model_round_trip(name, labels, qa, tmp_path):
 def test_errors(finetune_data, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="unknown task 'sst3'.*sst2.*squad"):
         run_tiny(finetune_data, tmp_path, "sst3")
-    with pytest.raises(UserError, match="--device 'cuda:7'"):
+    with pytest.raises(UserError, match="--device cuda:7"):
         run_tiny(finetune_data, tmp_path, "sst2", device="cuda:7")
     with pytest.raises(UserError, match="must be positive"):
         run_tiny(finetune_data, tmp_path, "sst2", max_eval_examples=0)
@@ -1857,7 +1860,7 @@ def test_errors(finetune_data, tmp_path, monkeypatch):
         TaskModel.from_pretrained(str(MODELS / "tiny-distilbert"))
     with pytest.raises(UserError, match="no tokenizer"):
         tiny = BertConfig("distilbert", 600, 32, 1, 4, 48, 64, 0, pooler=False)
-        finetune.tokenizer_for(TaskModel(BERT(tiny), ("0", "1")))
+        finetune.tokenizer_for(BERT(tiny))
     # glue checks all nine datasets before training: offline, the first missing one stops the run.
     monkeypatch.setenv("TINYDISTIL_OFFLINE", "1")
     with pytest.raises(UserError, match="CoLA.zip"):

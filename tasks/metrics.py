@@ -1,12 +1,13 @@
-"""metrics.py: the evaluation metrics of GLUE, IMDb and SQuAD v1.1, and the GLUE score, in plain numpy.
+"""metrics.py: the evaluation metrics of GLUE, IMDb and SQuAD v1.1, in plain numpy.
 
-    from tasks.metrics import accuracy, f1, matthews_corrcoef, pearson, spearman, squad_em, squad_f1, glue_score
+    from tasks.metrics import accuracy, f1, matthews_corrcoef, pearson, spearman, squad_f1
     accuracy([1, 0, 1], [1, 1, 1])          # 0.666...
 
-Every function takes lists or numpy arrays and returns a float in 0-1 (correlations in -1..1), never a
-percentage: the report multiplies by 100 for display. Paper: section 4 and 4.1 (Table 1: GLUE dev with its
-macro-score; Table 2: IMDb test accuracy, SQuAD v1.1 dev EM/F1). The SQuAD functions follow the official
-v1.1 evaluation script, including its treatment of answers that normalise to the empty string.
+Every function takes lists or numpy arrays and returns a float in 0-1 (correlations in -1..1),
+never a percentage: the report multiplies by 100 for display. Paper: section 4 and 4.1 (Table 1:
+GLUE dev; Table 2: IMDb test accuracy, SQuAD v1.1 dev EM/F1). Which metrics each GLUE task
+reports, and the GLUE macro-score, are in glue.py. The SQuAD functions follow the official v1.1
+evaluation script, including its treatment of answers that normalise to the empty string.
 """
 
 import re
@@ -15,16 +16,14 @@ from collections import Counter
 
 import numpy as np
 
-from common import UserError
-
 _PUNCT = set(string.punctuation)
-GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 
 
 def _pair(a, b):
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
-        raise ValueError(f"need two non-empty 1-d sequences of equal length, got shapes {a.shape} and {b.shape}")
+        raise ValueError(f"need two non-empty 1-d sequences of equal length, got shapes {a.shape} "
+                         f"and {b.shape}")
     return a, b
 
 
@@ -34,7 +33,8 @@ def accuracy(preds, labels):
 
 
 def f1(preds, labels):
-    """Binary F1 of the positive class 1; 0 when there is no true positive (as sklearn, without the warning)."""
+    """Binary F1 of the positive class 1; 0 when there is no true positive (as sklearn, without the
+    warning)."""
     preds, labels = _pair(preds, labels)
     tp = np.sum((preds == 1) & (labels == 1))
     fp = np.sum((preds == 1) & (labels != 1))
@@ -43,7 +43,7 @@ def f1(preds, labels):
 
 
 def matthews_corrcoef(preds, labels):
-    """Matthews correlation (Gorodkin's multiclass form, equal to the usual formula for two classes).
+    """Matthews correlation (Gorodkin's multiclass form, the usual formula for two classes).
     0 when either side is constant, where the formula divides by zero."""
     preds, labels = _pair(preds, labels)
     classes, idx = np.unique(np.concatenate([labels, preds]), return_inverse=True)
@@ -64,7 +64,7 @@ def pearson(x, y):
 
 
 def _ranks(a):
-    """1-based ranks, ties sharing the average of the ranks they span (scipy's rankdata 'average')."""
+    """1-based ranks; ties share the average of the ranks they span (scipy's rankdata average)."""
     _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
     ends = np.cumsum(counts)
     return ((ends - counts + 1 + ends) / 2)[inverse]
@@ -76,7 +76,8 @@ def spearman(x, y):
 
 
 def normalize_answer(s):
-    """The official SQuAD v1.1 normalisation: lower case, drop punctuation, drop a/an/the, collapse spaces."""
+    """The official SQuAD v1.1 normalisation: lower case, drop punctuation, drop a/an/the, collapse
+    spaces."""
     s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
@@ -106,26 +107,7 @@ def _token_f1(pred_tokens, gt_tokens):
 
 
 def squad_f1(prediction, ground_truths):
-    """Bag-of-tokens F1 between the normalised prediction and each ground truth, the best of them."""
+    """Bag-of-tokens F1 between the normalised prediction and each ground truth: the best one."""
     pred = normalize_answer(prediction).split()
-    return max(_token_f1(pred, normalize_answer(gt).split()) for gt in _ground_truths(ground_truths))
-
-
-def task_score(task, metrics):
-    """The one number per task that the paper's Table 1 shows (0-1)."""
-    keys = {"cola": ("mcc",), "stsb": ("pearson", "spearman"), "mrpc": ("f1", "accuracy"),
-            "qqp": ("f1", "accuracy"), "mnli": ("accuracy_m", "accuracy_mm")}.get(task, ("accuracy",))
-    missing = [k for k in keys if k not in metrics]
-    if missing:
-        raise UserError(f"{task} results lack {', '.join(missing)}: run the {task} evaluation again")
-    return float(np.mean([metrics[k] for k in keys]))
-
-
-def glue_score(results):
-    """The paper's GLUE macro-score (0-1) from {task: metrics dict} holding all nine tasks: CoLA MCC, STS-B mean
-    of Pearson and Spearman, MRPC and QQP mean of F1 and accuracy, MNLI mean of matched and mismatched
-    accuracy, accuracy elsewhere, then the plain average over the nine."""
-    missing = [t for t in GLUE_TASKS if t not in results]
-    if missing:
-        raise UserError(f"the GLUE score needs all nine tasks; missing {', '.join(missing)}")
-    return float(np.mean([task_score(t, results[t]) for t in GLUE_TASKS]))
+    truths = _ground_truths(ground_truths)
+    return max(_token_f1(pred, normalize_answer(gt).split()) for gt in truths)
