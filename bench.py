@@ -327,12 +327,13 @@ def throughput(model, tok, pairs, mode: str) -> dict:
 
 def speedup_base(candidates: list) -> tuple:
     """(model name, column label) of what the speed-ups are relative to: the first model of
-    BERT-base's shape, as in the paper, else the run's first model, named in the column."""
+    BERT-base's shape, as in the paper, else the run's first model, named in the column by the
+    last two parts of its path or Hub id (a folder is often just "model" or "student")."""
     for c in candidates:
         if is_bert_base(c.model.config):
             return c.name, "BERT-base"
     first = candidates[0].name
-    return first, Path(first).name
+    return first, "/".join(Path(first).parts[-2:])
 
 
 def table(rows, n_pairs: int, pairs_what: str, threads: int, base: tuple) -> str:

@@ -1913,7 +1913,7 @@ def test_tiny_models_give_table_chart_and_json(tmp_path, capsys):
     assert rows[0]["params_m"] == pytest.approx(expected, abs=1e-3)  # the MLM head is not counted
     assert "STAND-IN" in text and "5 pairs" in text  # offline, no STS-B: the shipped pairs, said so
     table = [line for line in text.splitlines() if line.startswith("|")]
-    assert table[0] == "| Model | # param. (M) | Inf. time (s) | ms / example | speed-up vs tiny-distilbert |"
+    assert table[0] == "| Model | # param. (M) | Inf. time (s) | ms / example | speed-up vs models/tiny-distilbert |"
     assert len(table) == 2 + 3 + 8 and all(line.count("|") == 6 for line in table)
     assert "| BERT-base (paper) | 110 | 668 |" in text and "| DistilBERT (paper) | 66 | 410 |" in text
     assert sum("█" in line and line.endswith("ms") for line in text.splitlines()) == 8

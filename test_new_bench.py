@@ -73,7 +73,7 @@ class TestBenchSpeedupColumn:
     def test_without_bert_base_it_is_relative_to_the_first_model(self, tmp_path, capsys):
         rows, table = run_bench(tmp_path, capsys, "--models", f"{TINY_DISTILBERT},{TINY_BERT}",
                                 "--limit", "3", "--dtypes", "float32,int8")
-        assert cells(table[0])[-1] == "speed-up vs tiny-distilbert"
+        assert cells(table[0])[-1] == "speed-up vs models/tiny-distilbert"
         paper = [cells(line) for line in table[2:5]]
         assert [c[0] for c in paper] == ["ELMo (paper)", "BERT-base (paper)", "DistilBERT (paper)"]
         assert all(c[-1] == "-" for c in paper)  # the paper's are over its BERT-base: not shown
@@ -91,7 +91,8 @@ class TestBenchSpeedupColumn:
         text = capsys.readouterr().out
         assert f"speed-up vs {TINY_BERT} float32" in text
         table = [line for line in text.splitlines() if line.startswith("|")]
-        assert cells(table[0])[-1] == "speed-up vs tiny-bert" and cells(table[5])[-1] == "1.00x"
+        assert cells(table[0])[-1] == "speed-up vs models/tiny-bert"
+        assert cells(table[5])[-1] == "1.00x"
 
     @pytest.mark.slow  # builds a random BERT-base (110M parameters)
     def test_with_bert_base_it_is_relative_to_bert_base_wherever_it_is(self, tmp_path, capsys):
@@ -106,6 +107,14 @@ class TestBenchSpeedupColumn:
         tiny_row, base_row = (cells(line) for line in table[5:])
         assert base_row[0].startswith("bert-base-uncased cpu float32") and base_row[-1] == "1.00x"
         assert tiny_row[-1] == f"{seconds['bert-base-uncased'] / seconds[TINY_DISTILBERT]:.2f}x"
+
+    def test_the_column_names_the_first_model_by_the_end_of_its_path(self):
+        tiny = bench.BERT(bench.BertConfig(hidden_size=8, n_layer=1, n_head=2, intermediate_size=8,
+                                           vocab_size=10, max_position_embeddings=8))
+        for name, label in [("/data/runs/7/student", "7/student"), ("org/model", "org/model"),
+                            ("distilbert-base-uncased", "distilbert-base-uncased")]:
+            first = bench.Candidate(name, tiny, False, None, [])
+            assert bench.speedup_base([first, first]) == (name, label)
 
     def test_bert_base_is_recognised_by_its_shape(self):
         base = bench.BertConfig.preset("bert-base-uncased")
