@@ -19,7 +19,8 @@ the seed: --max-train-examples and --max-eval-examples draw their subsets with a
 same for every run. With --teacher, the loss adds a distillation term (tasks/distill.py).
 
 Each task appends one results line: {"task", "model", "teacher", "metrics" (the median),
-"runs" [{"seed", "metrics"}], "seconds", "config"}; with --out the run of --seed is saved there.
+"runs" [{"seed", "metrics", "train_seconds"}], "seconds", "config"}; with --out the run of --seed
+is saved there.
 `eval glue` first makes sure all nine datasets (and teachers) are present, downloading missing
 datasets, so a missing one stops the run before any training; each task is then saved to
 DIR/<task>.
@@ -295,10 +296,12 @@ def _fine_tune_once(cfg, encoder, train_items, evals, tok, t_logits):
     torch.manual_seed(cfg.seed)
     head = task_head(cfg.task)
     model = TaskModel(copy.deepcopy(encoder), head.labels, head.qa, cfg.task).to(cfg.device)
+    start = time.time()
     train(model, train_items, tok, cfg, t_logits)
+    seconds = round(time.time() - start, 1)
     scores = score(model, evals, tok, cfg)
     print(f"{cfg.task} seed {cfg.seed}: {_format(scores)}")
-    return model, {"seed": cfg.seed, "metrics": scores}
+    return model, {"seed": cfg.seed, "metrics": scores, "train_seconds": seconds}
 
 
 def _format(scores):
