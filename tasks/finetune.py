@@ -20,10 +20,9 @@ same for every run. With --teacher, the loss adds a distillation term (tasks/dis
 
 Each task appends one results line: {"task", "model", "teacher", "metrics" (the median),
 "runs" [{"seed", "metrics", "train_seconds"}], "seconds", "config"}; with --out the run of --seed
-is saved there.
-`eval glue` first makes sure all nine datasets (and teachers) are present, downloading missing
-datasets, so a missing one stops the run before any training; each task is then saved to
-DIR/<task>.
+is saved there. `eval glue` first makes sure all nine datasets (and teachers) are present,
+downloading missing datasets, so a missing one stops the run before any training; each task is
+then saved to DIR/<task>.
 """
 import copy
 import json
