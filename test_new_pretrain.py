@@ -23,6 +23,7 @@ from tinydistil import PretrainConfig, init_student, pretrain
 ROOT = Path(__file__).parent
 MODELS = ROOT / "fixtures" / "models"
 TEACHER = str(MODELS / "tiny-bert")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -56,21 +57,27 @@ def tree(folder: Path) -> dict:
 
 class TestRecipes:
     def test_small_is_the_default_and_explicit_flags_win(self):
-        cfg = tinydistil.resolve_recipe(PretrainConfig(), world=1)
+        cfg = tinydistil.resolve_recipe(PretrainConfig(), 1, CPU)
         assert (cfg.batch_size, cfg.grad_accum, cfg.seq_len, cfg.lr, cfg.epochs) == (16, 1, 128, 5e-4, 3)
-        cfg = tinydistil.resolve_recipe(PretrainConfig(recipe="paper", lr=1e-4), world=1)
+        cfg = tinydistil.resolve_recipe(PretrainConfig(recipe="paper", lr=1e-4), 1, CPU)
         assert (cfg.seq_len, cfg.lr, cfg.teacher_dtype, cfg.data_fraction) == (512, 1e-4, "float32", 1.0)
 
     def test_paper_recipe_keeps_2000_sequences_per_step_over_processes(self):
         for world, accum in ((1, 400), (2, 200), (8, 50)):
-            cfg = tinydistil.resolve_recipe(PretrainConfig(recipe="paper"), world=world)
+            cfg = tinydistil.resolve_recipe(PretrainConfig(recipe="paper"), world, CPU)
             assert cfg.grad_accum == accum and cfg.batch_size * cfg.grad_accum * world == 2000
-        line = tinydistil.describe_recipe(tinydistil.resolve_recipe(PretrainConfig(), 1), 1)
+        line = tinydistil.describe_recipe(tinydistil.resolve_recipe(PretrainConfig(), 1, CPU), 1)
         assert line.startswith("recipe small: 16 sequences per step") and "--recipe paper" in line
+
+    def test_teacher_dtype_auto_follows_the_hardware(self):
+        cfg = tinydistil.resolve_recipe(PretrainConfig(), 1, CPU)
+        native = tinydistil.has_bfloat16_matmul(CPU)
+        assert cfg.teacher_dtype == ("bfloat16" if native else "float32")
+        assert "teacher" in tinydistil.describe_recipe(cfg, 1)
 
     def test_unknown_recipe(self):
         with pytest.raises(UserError, match="--recipe huge"):
-            tinydistil.resolve_recipe(PretrainConfig(recipe="huge"), world=1)
+            tinydistil.resolve_recipe(PretrainConfig(recipe="huge"), 1, CPU)
 
 
 class TestStudentInit:
