@@ -396,8 +396,8 @@ def prepare_corpus(data, tok, files, folder, key, *, data_fraction, seq_len):
     n_keep = math.ceil(n_texts * data_fraction)
     _sweep(folder)
     tmp = folder.with_name(f"{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         kept = itertools.islice(texts(), n_keep)
         stats = _write_sequences(tok, kept, n_keep, tmp, seq_len, name)
         if stats["sequences"] == 0:
@@ -408,6 +408,11 @@ def prepare_corpus(data, tok, files, folder, key, *, data_fraction, seq_len):
                 "tokens": stats["tokens"], "sequences": stats["sequences"], "stats": stats}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _publish(tmp, folder)
+    except OSError as e:  # a full disk or a read-only data dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the prepared corpus in {folder.parent} ({e}): it needs "
+                        "about 2 bytes per token; free space or choose another --data-dir"
+                        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

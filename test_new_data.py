@@ -1,4 +1,4 @@
-"""test_new_data.py: tests of data.py's corpora at scale (issue 10) and its offline hints (issue 13).
+"""test_new_data.py: data.py's corpora at scale (issue 10) and its offline hints (issue 13).
 
     python -m pytest -q test_new_data.py
 
@@ -24,8 +24,8 @@ import torch
 
 import data
 from common import UserError
-from data import (Sequences, build_sequences, corpus_texts, load_corpus, load_tokenizer, special_ids,
-                  token_probs)
+from data import (Sequences, build_sequences, corpus_texts, load_corpus, load_tokenizer,
+                  special_ids, token_probs)
 
 ROOT = Path(__file__).parent
 DATA_FIX = ROOT / "fixtures" / "data"
@@ -43,6 +43,12 @@ def made_up_texts(n, seed=0):
     """n texts of 1 to 300 fixture words: short ones (dropped), and long ones cut into chunks."""
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 300)))) for _ in range(n)]
+
+
+def todays_ids(tok, texts, seq_len=128):
+    """The flat ids of the sequences as before streaming: every text at once, build_sequences."""
+    lists = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    return np.concatenate(build_sequences(lists, special_ids(tok), seq_len)[0])
 
 
 def prepared(root):
@@ -213,8 +219,8 @@ def stop_after(fn, n):
     return wrapped
 data.CHUNK_CHARS = 500
 {hook}
-data.load_corpus({corpus!r}, data.load_tokenizer({str(DATA_FIX / "tok_json")!r}), {str(tmp_path)!r},
-                 data_fraction=1.0)
+tok = data.load_tokenizer({str(DATA_FIX / "tok_json")!r})
+data.load_corpus({corpus!r}, tok, {str(tmp_path)!r}, data_fraction=1.0)
 """
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=120)
@@ -224,10 +230,7 @@ data.load_corpus({corpus!r}, data.load_tokenizer({str(DATA_FIX / "tok_json")!r})
         assert (tmp[0] / "tokens.bin").is_file()
         assert ((tmp[0] / "meta.json").is_file()) == (where == "before the rename")
         seqs = load_corpus(corpus, fixture_tok(), tmp_path, data_fraction=1.0)
-        lists = [e.ids for e in fixture_tok().encode_batch(corpus_texts(corpus, tmp_path),
-                                                           add_special_tokens=False)]
-        assert np.array_equal(seqs.ids, np.concatenate(build_sequences(lists, special_ids(
-            fixture_tok()), 128)[0]))
+        assert np.array_equal(seqs.ids, todays_ids(fixture_tok(), corpus_texts(corpus, tmp_path)))
         assert leftovers(tmp_path) == []  # the dead process's folder was swept
 
     def test_a_live_process_keeps_its_temporary_folder(self, tmp_path):
@@ -263,9 +266,7 @@ class TestCorpusInputs:
         lines = [json.dumps({"text": t, "meta": {"n": i}}) for i, t in enumerate(texts)]
         (tmp_path / "wiki.jsonl").write_text("\n".join(lines) + "\n")
         seqs = load_corpus(str(tmp_path / "wiki.jsonl"), tok, tmp_path, data_fraction=1.0)
-        lists = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-        assert np.array_equal(seqs.ids, np.concatenate(build_sequences(lists, special_ids(tok),
-                                                                       128)[0]))
+        assert np.array_equal(seqs.ids, todays_ids(tok, texts))
 
     def test_unicode_line_breaks_split_text_lines_as_before(self, tmp_path):
         (tmp_path / "c.txt").write_text("one\u2028two\r\nthree\rfour\x85five\n", encoding="utf-8")
@@ -290,7 +291,8 @@ class TestBadInput:
         (tmp_path / "blank.txt").write_text("  \n\n\t\n")
         (tmp_path / "blank.jsonl").write_text('{"text": " "}\n\n')
         for name in ("empty.txt", "blank.txt", "blank.jsonl"):
-            self.fails(tmp_path, str(tmp_path / name), f"the corpus file {tmp_path / name} holds no text")
+            self.fails(tmp_path, str(tmp_path / name),
+                       f"the corpus file {tmp_path / name} holds no text")
         (tmp_path / "folder").mkdir()
         (tmp_path / "folder" / "x.txt").write_text("\n")
         (tmp_path / "folder" / "y.txt").write_text("")
@@ -327,6 +329,14 @@ class TestBadInput:
         self.fails(tmp_path, str(tmp_path / "nope.txt"), "nor an existing text file or folder")
         (tmp_path / "empty").mkdir()
         self.fails(tmp_path, str(tmp_path / "empty"), "no .txt files")
+
+    def test_an_unwritable_data_dir_is_one_line(self, tmp_path):
+        (tmp_path / "c.txt").write_text("\n".join(made_up_texts(20)) + "\n")
+        (tmp_path / "root").mkdir()
+        (tmp_path / "root" / "cache").write_text("a file where the cache folder goes")
+        with pytest.raises(UserError, match="cannot write the prepared corpus in .*--data-dir"):
+            load_corpus(str(tmp_path / "c.txt"), fixture_tok(), tmp_path / "root")
+        assert [p.name for p in (tmp_path / "root").iterdir()] == ["cache"]
 
     def test_nothing_left_after_filtering_leaves_no_folder(self, tmp_path):
         (tmp_path / "few.txt").write_text("too short\nalso short\n")
@@ -378,7 +388,8 @@ def wikitext_zip(folder, suffix, fixture):
 
 class TestWikitext103:
     @pytest.mark.parametrize("name, suffix, fixture", [
-        ("wikitext-103-raw", "raw", "wiki.train.raw"), ("wikitext-103", "tokens", "wiki.train.tokens")])
+        ("wikitext-103-raw", "raw", "wiki.train.raw"),
+        ("wikitext-103", "tokens", "wiki.train.tokens")])
     def test_download_extract_prepare(self, wikitext_server, tmp_path, name, suffix, fixture):
         archive = f"{name}-v1.zip"
         wikitext_server.archives[f"/{archive}"] = wikitext_zip(name, suffix, fixture)
@@ -399,7 +410,8 @@ class TestWikitext103:
         assert np.array_equal(again.ids, seqs.ids) and len(wikitext_server.paths) == 1
 
     def test_archive_names_and_folders(self):
-        assert data.WIKITEXT["wikitext-103-raw"][:2] == ("wikitext-103-raw-v1.zip", "wikitext-103-raw")
+        assert data.WIKITEXT["wikitext-103-raw"][:2] == ("wikitext-103-raw-v1.zip",
+                                                         "wikitext-103-raw")
         assert data.WIKITEXT["wikitext-103"][:2] == ("wikitext-103-v1.zip", "wikitext-103")
 
 
@@ -421,8 +433,8 @@ class TestOfflineHints:
     def test_offline_tokenised_points_to_the_raw_version(self, tmp_path, monkeypatch):
         monkeypatch.setenv("TINYDISTIL_OFFLINE", "1")
         self.put(tmp_path, "wikitext-103-raw", "wiki.train.raw", "wiki.train.raw")
-        with pytest.raises(UserError, match=r"wikitext-103-raw \(the raw version\) is already in .*"
-                                            r"use --data wikitext-103-raw$"):
+        hint = r"wikitext-103-raw \(the raw version\) is already in .*use --data wikitext-103-raw$"
+        with pytest.raises(UserError, match=hint):
             load_corpus("wikitext-103", fixture_tok(), tmp_path)
 
     def test_unreachable_host_gets_the_hint_too(self, tmp_path, monkeypatch):
