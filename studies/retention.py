@@ -15,10 +15,11 @@ term, and the knowledge in the teacher's MLM head are left out; the student's he
 
 Each finished row is one JSON line in --results (rows already there are skipped): its commands,
 the commit, minutes of machine time, the pretraining's last losses and the SST-2 median and spread.
-Every command holds /tmp/tinydistil-cpu.lock while it runs (the team's 2 cores); logs, students and
-fine-tuned models go under --artifacts, each folder written under a temporary name and renamed when
-complete.
+Every command holds /tmp/tinydistil-cpu.lock while it runs (the team's 2 cores; a row's seeds run
+under one hold); logs, students and fine-tuned models go under --artifacts, each folder written
+under a temporary name and renamed when complete.
 """
+import contextlib
 import fcntl
 import json
 import shutil
@@ -32,7 +33,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from common import UserError, build_parser  # noqa: E402
+from common import UserError, atomic_write, build_parser  # noqa: E402
 
 LOCK = "/tmp/tinydistil-cpu.lock"
 
@@ -56,26 +57,28 @@ class RetentionConfig:
     table: bool = False                   # only print the markdown table of --results
 
 
-# The rows, in the order they run. The sweep comes first: it chooses the small recipe's lr and batch
-# (the winner, "best", of the lr rows and the best lr at batch 32), and every later distilled row
-# uses it. sweep-lr3e-5-b16 runs last, when time is left, and does not change the winner.
-SWEEP = {"sweep-lr5e-4-b16": ["--lr", "5e-4", "--batch-size", "16"],
+# The rows, in the order they run. Every distilled row uses the small recipe's defaults at the
+# pinned commit (lr 5e-4, batch 16, 3 epochs of a tenth of WikiText-2), written out so a later
+# change of the defaults does not silently change a rerun. The sweep rows measure whether another
+# lr or batch would be a better default; sweep-best-b32 takes the better of the two first lrs.
+SMALL = ["--lr", "5e-4", "--batch-size", "16"]
+SWEEP = {"sweep-lr5e-4-b16": SMALL,
          "sweep-lr1e-4-b16": ["--lr", "1e-4", "--batch-size", "16"],
          "sweep-lr3e-5-b16": ["--lr", "3e-5", "--batch-size", "16"]}
-LR_ROWS = ("sweep-lr5e-4-b16", "sweep-lr1e-4-b16")  # the winner's lr comes from these
+LR_ROWS = ("sweep-lr5e-4-b16", "sweep-lr1e-4-b16")  # the batch-32 row takes the better lr of these
 ROWS = {
     "teacher": "the teacher fine-tuned as it is: 100% retention",
-    "sweep-lr5e-4-b16": "recipe sweep, a tenth of WikiText-2, 3 epochs",
+    "sweep-lr5e-4-b16": "recipe sweep: the small recipe's lr 5e-4, batch 16 (474 steps)",
+    "distilled-small": "teacher layers, distilled with the small recipe (a tenth of WikiText-2)",
     "truncated": "teacher layers copied, no distillation (--max-steps 0)",
     "random": "random init, no distillation",
-    "sweep-lr1e-4-b16": "recipe sweep, a tenth of WikiText-2, 3 epochs",
-    "sweep-best-b32": "recipe sweep: the better lr at batch 32 (half the steps)",
-    "distilled-small": "teacher layers, distilled with the small recipe (a tenth of WikiText-2)",
+    "sweep-lr1e-4-b16": "recipe sweep: lr 1e-4, batch 16",
     "random-distilled": "random init, distilled with the small recipe",
     "cos-only": "teacher layers, L_cos only (--alpha-mlm 0)",
     "mlm-only": "teacher layers, L_mlm only (--alpha-cos 0)",
+    "sweep-best-b32": "recipe sweep: the better lr at batch 32 (half the steps)",
     "distilled-full": "teacher layers, distilled on the whole of WikiText-2",
-    "sweep-lr3e-5-b16": "recipe sweep, a tenth of WikiText-2, 3 epochs",
+    "sweep-lr3e-5-b16": "recipe sweep: lr 3e-5, batch 16",
 }
 
 
@@ -87,17 +90,16 @@ def row_flags(name, done, cfg):
         return SWEEP[name]
     if name == "sweep-best-b32":
         return best_of(done, LR_ROWS, name)[:2] + ["--batch-size", "32"]
-    best = best_of(done, LR_ROWS + ("sweep-best-b32",), name)
     full = ["--data-fraction", "1.0", "--epochs", str(cfg.full_epochs)]
     if cfg.full_max_steps is not None:
         full += ["--max-steps", str(cfg.full_max_steps)]
     flags = {"truncated": ["--max-steps", "0"],
-             "distilled-small": best,
+             "distilled-small": SMALL,
              "random": ["--student-init", "random", "--max-steps", "0"],
-             "random-distilled": best + ["--student-init", "random"],
-             "cos-only": best + ["--alpha-mlm", "0"],
-             "mlm-only": best + ["--alpha-cos", "0"],
-             "distilled-full": best + full}
+             "random-distilled": SMALL + ["--student-init", "random"],
+             "cos-only": SMALL + ["--alpha-mlm", "0"],
+             "mlm-only": SMALL + ["--alpha-cos", "0"],
+             "distilled-full": SMALL + full}
     return flags[name]
 
 
@@ -105,27 +107,32 @@ def best_of(done, names, wanted_by):
     """The pretrain flags of the finished row with the best median SST-2 accuracy among names."""
     missing = [n for n in names if n not in done]
     if missing:
-        raise UserError(f"row {wanted_by} needs the sweep's winner: run {', '.join(missing)} first")
+        raise UserError(f"row {wanted_by} needs {', '.join(missing)} first")
     return max((done[n] for n in names), key=lambda r: r["sst2"]["median"])["flags"]
 
 
 # ----------------------------------------------------------------------------- running commands
 
-def run_locked(cmd, log_path, cwd):
-    """Run cmd holding the team's CPU lock (the flock(1) lock: the same flock(2) on the same file),
-    output to log_path. Returns the seconds it ran, lock wait excluded. A failure is a UserError
-    that names the log."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK, "a") as lock, open(log_path, "a") as log:
+@contextlib.contextmanager
+def cpu_lock():
+    """Hold the team's CPU lock: the one `flock /tmp/tinydistil-cpu.lock` takes (flock(2))."""
+    with open(LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def run_logged(cmd, log_path, cwd):
+    """Run cmd (the caller holds the CPU lock) with its output appended to log_path. Returns the
+    seconds it ran; a failure is a UserError that names the log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         t0 = time.time()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd).returncode
-        seconds = time.time() - t0
     if rc != 0:
         raise UserError(f"command failed (exit {rc}), see {log_path}: {' '.join(cmd)}")
-    return seconds
+    return time.time() - t0
 
 
 def export_code(commit, root):
@@ -163,19 +170,37 @@ def pretrain(name, flags, cfg, env):
     if not out.is_dir():
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted run starts over
-        seconds = run_locked(cmd + ["--out", str(tmp)], env["logs"] / f"{name}-pretrain.log",
-                             cwd=env["code"])
+        with cpu_lock():
+            seconds = run_logged(cmd + ["--out", str(tmp)], env["logs"] / f"{name}-pretrain.log",
+                                 cwd=env["code"])
         tmp.rename(out)
     return out, [" ".join(cmd + ["--out", str(out)])], seconds, last_losses(out)
 
 
 def last_losses(student_dir):
-    """The pretraining's last logged losses (train_log.jsonl), or None when it did not train."""
+    """The pretraining's last logged losses per step, or None when it did not train. The log
+    (train_log.jsonl at 3a6e82b) writes each term's SUM over the steps since the previous line, so
+    the last line is divided by the steps it covers."""
     log = Path(student_dir) / "train_log.jsonl"
-    if not log.is_file() or not log.read_text().strip():
+    lines = log.read_text().splitlines() if log.is_file() else []
+    if not lines:
         return None
-    last = json.loads(log.read_text().splitlines()[-1])
-    return {k: v for k, v in last.items() if k == "step" or k.startswith("loss")}
+    last = json.loads(lines[-1])
+    previous = json.loads(lines[-2])["step"] if len(lines) > 1 else 0
+    steps = last["step"] - previous
+    losses = {k: v / steps for k, v in last.items() if k.startswith("loss")}
+    return {"step": last["step"], "interval_steps": steps, **losses}
+
+
+def refresh_losses(done, results):
+    """Recompute pretrain_final of finished rows written before last_losses divided by the
+    interval (their lines hold the log's sums), and rewrite the results file once."""
+    stale = [r for r in done.values() if r.get("pretrain_final")
+             and "interval_steps" not in r["pretrain_final"] and Path(r["student"]).is_dir()]
+    for r in stale:
+        r["pretrain_final"] = last_losses(r["student"])
+    if stale:
+        atomic_write(results, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
 
 
 def sst2_subset(cfg, env):
@@ -211,7 +236,8 @@ def finetune(name, model, cfg, env, out=None):
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
         cmds[0] = cmds[0] + ["--out", str(tmp)]
-    seconds = sum(run_locked(c, env["logs"] / f"{name}-sst2.log", cwd=env["code"]) for c in cmds)
+    with cpu_lock():  # the seeds one after the other: a row's runs see the same machine
+        seconds = sum(run_logged(c, env["logs"] / f"{name}-sst2.log", env["code"]) for c in cmds)
     if tmp is not None:
         tmp.rename(out)
     lines = [json.loads(line) for line in results.read_text().splitlines()]
@@ -311,6 +337,7 @@ def main(cfg: RetentionConfig):
     done = {}
     if results.is_file():
         done = {r["row"]: r for r in map(json.loads, results.read_text().splitlines())}
+        refresh_losses(done, results)
     for name in names:
         if name in done:
             print(f"{name}: done, skipped")
