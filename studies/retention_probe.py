@@ -1,0 +1,98 @@
+"""studies/retention_probe.py: how close each student of the retention study is to its teacher on
+held-out text, before any fine-tuning (issue 9: why distillation adds what it adds).
+
+    flock /tmp/tinydistil-cpu.lock python studies/retention_probe.py --data-dir /work/shared/data \
+        --code /tmp/td-artifacts/code/3a6e82b7dbeb --teacher $T/model --students NAME=DIR,NAME=DIR
+
+Paper section 2: distillation trains the student's last hidden states towards the teacher's (L_cos)
+and its MLM head on masked tokens (L_mlm). On 256 WikiText-2 validation sequences of 127-128 tokens
+(text no student trained on), masked as pretrain masks them, this measures per student: L_cos
+against the float32 teacher over every real token, and L_mlm and top-1 accuracy of the student's
+own MLM head over the masked tokens. --code is the exported project version the students were made
+by (retention.py's clean copy), so the probe reads them with the same model code.
+Appends one JSON line per student to --out (studies/retention_probe.jsonl).
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--code", required=True, help="the project folder the students were made by")
+    p.add_argument("--teacher", required=True, help="the teacher's checkpoint folder")
+    p.add_argument("--students", required=True, help="comma-separated NAME=DIR pairs")
+    p.add_argument("--data-dir", required=True, help="holds wikitext-2/wiki.valid.tokens")
+    p.add_argument("--n-seqs", type=int, default=256, help="validation sequences of 127-128 tokens")
+    p.add_argument("--out", default="studies/retention_probe.jsonl", help="one JSON line per student")
+    return p.parse_args()
+
+
+def masked_batches(teacher, args, batch_size=16, seq_len=128):
+    """Full-length validation sequences masked as pretrain masks them: (input_ids, mask, labels)."""
+    from data import (collate, data_dir, load_corpus, load_tokenizer, mask_batch, special_ids,
+                      token_probs)
+    tok = load_tokenizer(teacher.source_dir)
+    ids = special_ids(tok)
+    seqs = load_corpus("wikitext-2", tok, data_dir(args.data_dir), data_fraction=1.0,
+                       seq_len=seq_len, split="valid")
+    full = [i for i in range(len(seqs)) if seqs.lengths[i] >= seq_len - 1][:args.n_seqs]
+    probs = token_probs(seqs, teacher.config.vocab_size, ids.values())
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(0, len(full), batch_size):
+        input_ids, mask = collate(seqs, full[i:i + batch_size], ids["pad"])
+        masked, labels = mask_batch(input_ids, mask, probs, ids["mask"], teacher.config.vocab_size,
+                                    gen)
+        batches.append((masked, mask, labels))
+    return batches
+
+
+@torch.no_grad()
+def probe(student, teacher, batches):
+    """Held-out L_cos against the teacher (every real token) and the student's MLM loss and top-1
+    accuracy on the masked tokens (when it has a head)."""
+    cos_sum, n_tokens, mlm_sum, hits, n_masked = 0.0, 0, 0.0, 0, 0
+    for input_ids, mask, labels in batches:
+        real = mask.bool()  # (B, T)
+        t_h = teacher(input_ids, mask).hidden_states[-1][real]  # (N, H)
+        s_h = student(input_ids, mask).hidden_states[-1][real]  # (N, H)
+        cos_sum += (1 - F.cosine_similarity(s_h, t_h, dim=-1)).sum().item()
+        n_tokens += len(t_h)
+        predicted = labels[real] != -100  # (N,)
+        if student.config.mlm_head:
+            logits = student.mlm_logits(s_h[predicted])  # (M, V)
+            gold = labels[real][predicted]
+            mlm_sum += F.cross_entropy(logits, gold, reduction="sum").item()
+            hits += (logits.argmax(-1) == gold).sum().item()
+        n_masked += int(predicted.sum())
+    has_head = bool(student.config.mlm_head)
+    return {"heldout_L_cos": cos_sum / n_tokens, "tokens": n_tokens, "masked": n_masked,
+            "heldout_L_mlm": mlm_sum / n_masked if has_head else None,
+            "heldout_mlm_top1": hits / n_masked if has_head else None}
+
+
+def main():
+    args = parse_args()
+    sys.path.insert(0, args.code)  # the students' own model code, not the checkout being edited
+    from model import BERT
+    torch.manual_seed(0)
+    teacher = BERT.from_pretrained(args.teacher).eval()
+    batches = masked_batches(teacher, args)
+    for pair in args.students.split(","):
+        name, folder = pair.split("=", 1)
+        t0 = time.time()
+        student = BERT.from_pretrained(folder).eval()
+        line = {"student": name, "dir": folder, "code": args.code, **probe(student, teacher, batches),
+                "seconds": round(time.time() - t0, 1)}
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
