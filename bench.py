@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from common import UserError, atomic_write, build_parser, pick_device
+from common import UserError, atomic_write, build_parser, looks_like_path, pick_device
 from hub import NoCheckpointFolder, checkpoint_folder
 from model import BERT, Attention, BertConfig
 from tasks import glue
@@ -385,6 +385,9 @@ def check_config(cfg: BenchConfig):
     here = Path(__file__).resolve().parent
     student = [str(p) for p in [here / "out" / "student"] if p.is_dir()]
     names = [n.strip() for n in cfg.models.split(",") if n.strip()] or [*PRESETS, *student]
+    missing = [n for n in names if looks_like_path(n) and not Path(n).expanduser().is_dir()]
+    if missing:
+        raise UserError(f"--models: no checkpoint folder {missing[0]}")
     if cfg.device != "auto":
         devices = [pick_device(cfg.device)]
     elif torch.cuda.is_available():  # Table 3 is on the CPU; the GPU is a bonus
@@ -454,11 +457,11 @@ def run(cfg: BenchConfig) -> list:
     """Measure every model x device x mode; print the table, the chart (and throughput); return
     the rows."""
     names, devices, modes = check_config(cfg)
+    sst2_dev = []
+    if cfg.task:  # read before anything else, so a missing file stops the run at once
+        sst2_dev = glue.load("sst2", "dev", cfg.data_dir or None)
     pairs, pairs_what = load_pairs(cfg)
     print(f"pairs: {len(pairs)} from {pairs_what}")
-    sst2_dev = []
-    if cfg.task:  # read before the timing, so a missing file stops the run early
-        sst2_dev = glue.load("sst2", "dev", cfg.data_dir or None)
     torch.set_num_threads(cfg.threads)
     candidates = [load_candidate(name, pairs, cfg) for name in names]
     runs, rows = build_runs(candidates, devices, modes)

@@ -133,17 +133,19 @@ class TestBenchBadOptions:
         (["--limit", "-2"], "--limit -2"),
         (["--tokenizer", "no/such/folder"], "--tokenizer no/such/folder"),
         (["--task", "sst2", "--models", TINY_BERT], "SST-2"),  # no SST-2 dev: stops before timing
+        (["--models", f"{TINY_BERT},./no/such/folder"], "no checkpoint folder ./no/such/folder"),
     ])
-    def test_one_line_before_anything_is_written(self, args, message, tmp_path, capsys):
+    def test_one_line_before_anything_is_loaded(self, args, message, tmp_path, capsys):
         out = tmp_path / "rows.json"
         with pytest.raises(SystemExit) as e:
             bench.main([*args, "--json", str(out)])
-        err = capsys.readouterr().err
+        captured = capsys.readouterr()
+        err = captured.err
         assert e.value.code == 1 and re.fullmatch(r"error: [^\n]+\n", err) and message in err, err
-        assert not out.exists()
+        assert captured.out == "" and not out.exists()  # stopped before the pairs and models
 
     def test_json_into_a_missing_folder_is_refused_first(self, tmp_path, capsys):
         with pytest.raises(SystemExit):
             bench.main(["--models", TINY_BERT, "--json", str(tmp_path / "nope" / "rows.json")])
         captured = capsys.readouterr()
-        assert "--json" in captured.err and "pairs:" not in captured.out  # nothing was loaded
+        assert "--json" in captured.err and captured.out == ""  # nothing was loaded
