@@ -150,6 +150,7 @@ class TestDistillationLosses:
 
 # ----------------------------------------------------------------------------- (D)
 
+@pytest.mark.slow  # the first test here trains the three tiny teachers (several seconds)
 class TestDistillationDuringFineTuning:
     def test_alpha_zero_is_exactly_the_plain_run(self, task_data, teachers, tmp_path):
         plain = run(tiny_cfg(task_data, tmp_path, epochs=2, out=str(tmp_path / "plain")))

@@ -42,7 +42,7 @@ def runs(args):
     student, squad_data = str(WORK / "student"), ["--data-dir", str(WORK / "squad-split")]
     squad = ["--max-train-examples", str(args.squad_train), "--max-eval-examples",
              str(args.squad_dev), "--epochs", str(args.squad_epochs), "--lr", "1e-4",
-             "--batch-size", "32"]
+             "--batch-size", "32", "--dtype", "bfloat16"]  # 384-token windows: bf16 is 2x here
     return [
         ("sst2-teacher", ["eval", "sst2", "--model", minilm, *SST2, *data,
                           "--out", str(WORK / "teacher-sst2")]),
@@ -121,7 +121,7 @@ def summary():
         per_epoch = ", ".join(f"{r['train_seconds'] / epochs:.0f}" for r in result["runs"])
         teacher = result["teacher"]
         cached = "-" if teacher is None else (f"{teacher['seconds']} s, "
-                                              f"{teacher['logits_bytes'] / 2**20:.1f} MiB, "
+                                              f"{teacher['logits_bytes'] / 2**10:.0f} KiB, "
                                               f"{teacher['dtype']}")
         print(f"| {name} | {metrics} | {'; '.join(per_run)} | {per_epoch} | {cached} | "
               f"{record['max_rss_mb']} MB |")
@@ -131,8 +131,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", help="holds glue/SST-2, squad/dev-v1.1.json, wikitext-2")
     parser.add_argument("--lock", help="run each command under flock LOCK")
-    parser.add_argument("--squad-train", type=int, default=2000, help="training questions")
-    parser.add_argument("--squad-dev", type=int, default=1000, help="scored questions")
+    parser.add_argument("--squad-train", type=int, default=1000, help="training questions")
+    parser.add_argument("--squad-dev", type=int, default=500, help="scored questions")
     parser.add_argument("--squad-epochs", type=int, default=2)
     parser.add_argument("--summary", action="store_true", help="print the tables and stop")
     args = parser.parse_args()
