@@ -6,6 +6,7 @@ would try.
     python bench.py --models out/student --limit 200 --json bench.json
     python bench.py --models /tmp/minilm-sst2 --task sst2   # + SST-2 dev accuracy of every mode
     python bench.py --throughput            # + examples/s at batch 1, 8, 32, all threads
+    python bench.py --pretrain-step         # tokens/s and MFU of one distillation step
     python bench.py --help                  # every option, with its default
 
 Table 3 times "a full pass of GLUE task STS-B ... on CPU using a batch size of 1". So do we: every
@@ -80,6 +81,10 @@ class BenchConfig:
     task: str = ""            # sst2: also the SST-2 dev accuracy of every mode (fine-tuned models)
     throughput: bool = False  # also examples/s at batch 1, 8, 32 of the last model, all CPU threads
     json: str = ""            # also write the rows to this file as a JSON list
+    pretrain_step: bool = False  # instead: time distillation steps (see time_distillation_steps)
+    batch_size: int = 16      # --pretrain-step: sequences per step, all full length
+    seq_len: int = 128        # --pretrain-step: tokens per sequence
+    steps: int = 4            # --pretrain-step: steps timed, after one untimed
 
 
 # ----------------------------------------------------------------------------- inference rewrites
@@ -453,9 +458,81 @@ def print_throughput(candidate: Candidate, pairs, modes):
         print(f"  {mode:9s}" + "".join(f"  batch {bs}: {v:8.1f}" for bs, v in per_batch.items()))
 
 
+# ----------------------------------------------------------------------------- distillation step
+
+def time_distillation_steps(cfg: BenchConfig) -> dict:
+    """Speed of pretraining (paper section 3): tinydistil's own step (mask, distillation_loss,
+    backward, clip, AdamW) with a random-weight BERT-base teacher, its 6-layer student and random
+    full-length batches, as the small recipe runs it (teacher in bfloat16 where native). One step
+    is untimed. Prints and returns tokens/s, ms/step, MFU and peak memory."""
+    import resource
+    import tinydistil
+    from data import mask_batch
+    from model import configure_optimizers
+    device = pick_device(cfg.device)  # auto: the GPU when there is one
+    dtype = cfg.dtypes or "float32"
+    if dtype not in ("float32", "bfloat16") or min(cfg.batch_size, cfg.seq_len, cfg.steps) < 1:
+        raise UserError("--pretrain-step takes --dtypes float32 or bfloat16 and positive "
+                        "--batch-size, --seq-len and --steps")
+    pcfg = tinydistil.resolve_recipe(tinydistil.PretrainConfig(dtype=dtype), 1, device)
+    torch.manual_seed(0)
+    teacher = BERT(BertConfig.preset("bert-base-uncased"))
+    student, _ = tinydistil.init_student(teacher, 6, train_positions=False)
+    dtypes = (tinydistil.DTYPES[pcfg.teacher_dtype], tinydistil.DTYPES[dtype])
+    teacher.to(device, dtypes[0]).eval().requires_grad_(False)
+    model = tinydistil.StudentForDistillation(student.to(device).train())
+    opt = configure_optimizers(student, pcfg.lr, pcfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
+    V, first_word = teacher.config.vocab_size, 104  # ids below 104: [PAD], [unused*], specials
+    probs = torch.ones(V)
+    probs[:first_word] = 0
+    gen = torch.Generator(device).manual_seed(0)
+    print(f"distillation step: BERT-base teacher ({pcfg.teacher_dtype}), 6-layer student "
+          f"({dtype}), random weights, {cfg.batch_size} x {cfg.seq_len} tokens, "
+          f"{torch.get_num_threads()} threads, {device}")
+    for step in range(cfg.steps + 1):
+        if step == 1:
+            tinydistil.sync(device)
+            t0 = time.perf_counter()
+        ids = torch.randint(first_word, V, (cfg.batch_size, cfg.seq_len), device=device)
+        mask = torch.ones_like(ids)
+        ids, labels = mask_batch(ids, mask, probs, 103, V, gen, pcfg.mlm_mask_prop)
+        loss, _ = tinydistil.distillation_loss(teacher, model, ids, mask, labels, pcfg, dtypes)
+        loss.backward()
+        nn.utils.clip_grad_norm_(student.parameters(), pcfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    tinydistil.sync(device)
+    seconds = (time.perf_counter() - t0) / cfg.steps
+    tokens = cfg.batch_size * cfg.seq_len
+    result = {"tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds,
+              "mfu": step_mfu(teacher, student, dtypes, device, tokens, cfg.seq_len, seconds),
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    mfu = "unknown (no native bfloat16)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+    print(f"{result['tokens_per_s']:.0f} tokens/s | {result['ms_per_step']:.0f} ms/step | "
+          f"MFU {mfu} | peak memory {result['peak_rss_mib']:.0f} MiB resident")
+    return result
+
+
+def step_mfu(teacher, student, dtypes, device, tokens, seq_len, seconds):
+    """Model FLOPs of a step over what the peaks would do in its time: the teacher forward (1x),
+    the student forward and backward (3x), L_ce's head on every row. None if a peak is unknown."""
+    import tinydistil
+    busy = 0.0
+    for model, dtype, passes in ((teacher, dtypes[0], 1), (student, dtypes[1], 3)):
+        peak = tinydistil.peak_flops(device, dtype)
+        if peak is None:
+            return None
+        busy += passes * tokens * tinydistil.flops_per_token(model.config, seq_len, True) / peak
+    return min(1.0, busy / seconds)  # a peak measured under load can read low
+
+
+# ----------------------------------------------------------------------------- the run
+
 def run(cfg: BenchConfig) -> list:
     """Measure every model x device x mode; print the table, the chart (and throughput); return
-    the rows."""
+    the rows. With --pretrain-step, time distillation steps instead."""
+    if cfg.pretrain_step:
+        return [time_distillation_steps(cfg)]
     names, devices, modes = check_config(cfg)
     sst2_dev = []
     if cfg.task:  # read before anything else, so a missing file stops the run at once

@@ -256,3 +256,18 @@ class TestLongRuns:
         a = load_safetensors(tmp_path / "full" / "model.safetensors")
         b = load_safetensors(out / "model.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+class TestPretrainStepBench:
+    @pytest.mark.slow
+    def test_bench_times_tinydistils_own_step(self, capsys):
+        import bench
+        bench.main(["--pretrain-step", "--batch-size", "1", "--seq-len", "16", "--steps", "1"])
+        out = capsys.readouterr().out
+        assert "distillation step: BERT-base teacher" in out and "tokens/s" in out and "MFU" in out
+
+    def test_bad_pretrain_step_options(self, capsys):
+        import bench
+        with pytest.raises(SystemExit):
+            bench.main(["--pretrain-step", "--dtypes", "int8"])
+        assert "--pretrain-step takes --dtypes float32 or bfloat16" in capsys.readouterr().err
