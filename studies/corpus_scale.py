@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,17 @@ def measure_preparation(cfg, tok, corpora, work):
     return rows
 
 
+def batches_bytes(lengths):
+    """Bytes per sequence that Batches allocates for one epoch: held (the epoch's batch lists,
+    which stream() keeps for the epoch) and at the peak while building them (tracemalloc)."""
+    tracemalloc.start()
+    batches = data.Batches(lengths, 16).epoch_batches(0)
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del batches
+    return {"held_per_sequence": held / len(lengths), "peak_per_sequence": peak / len(lengths)}
+
+
 def measure_data_side(tok, corpora, work, vocab_size):
     """Seconds of a cached load as pretrain does it: load_corpus (maps), token_probs, Batches."""
     rows = {}
@@ -137,6 +149,7 @@ def measure_data_side(tok, corpora, work, vocab_size):
         data.Batches(seqs.lengths, 16).epoch_batches(0)
         t3 = time.perf_counter()
         rows[name] = {"map_s": t1 - t0, "token_probs_s": t2 - t1, "batches_s": t3 - t2,
+                      "batches_bytes": batches_bytes(seqs.lengths),
                       "files_bytes": {f.name: f.stat().st_size
                                       for f in next((work / f"prep-{name}" / "cache").iterdir())
                                       .iterdir()}}
@@ -177,14 +190,17 @@ def descendants(pid):
     return kids
 
 
+SMAPS_FIELDS = ("Rss", "Pss", "Anonymous", "file_Rss", "file_Pss")
+
+
 def run_measured(cmd, env):
     """Run cmd; return its exit code, its output lines with seconds since start, the peak RSS of
-    the process tree in MB (getrusage of the children), and the last smaps sample (every 0.1 s)
-    in which every process of the tree that maps tokens.bin was seen, keyed by pid."""
+    the process tree in MB (getrusage of the children), and the smaps samples (every 0.1 s) that
+    caught every process of the tree that maps tokens.bin, each {pid: {field: kB}}."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=REPO)
-    lines, last, mappers = [], {}, set()
+    lines, samples, mappers = [], [], set()
 
     def read():
         for line in proc.stdout:  # text mode: tqdm's \r ends a line too
@@ -194,14 +210,15 @@ def run_measured(cmd, env):
     reader.start()
     while proc.poll() is None:
         sample = {pid: smaps(pid, "tokens.bin") for pid in descendants(proc.pid) + [proc.pid]}
-        sample = {pid: s for pid, s in sample.items() if s.get("file_Rss")}
+        sample = {pid: {f: s.get(f) for f in SMAPS_FIELDS}
+                  for pid, s in sample.items() if s.get("file_Rss")}
         mappers |= set(sample)
         if sample and set(sample) == mappers:
-            last = sample
+            samples.append(sample)
         time.sleep(0.1)
     reader.join()
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return proc.returncode, lines, peak_mb, last
+    return proc.returncode, lines, peak_mb, samples
 
 
 def first_time(lines, pattern):
@@ -227,13 +244,24 @@ def one_run(cfg, corpus, data_dir, out, ddp=False):
     cmd = pretrain_cmd(cfg, corpus, data_dir, out, ddp)
     result = subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent),
                              json.dumps(cmd)], capture_output=True, text=True, check=True)
-    code, lines, peak_mb, sample = json.loads(result.stdout.splitlines()[-1])
+    code, lines, peak_mb, samples = json.loads(result.stdout.splitlines()[-1])
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n" + "\n".join(l for _, l in lines[-20:]))
-    fields = ("Rss", "Pss", "Anonymous", "file_Rss", "file_Pss")
     return {"peak_rss_mb": peak_mb, "data_line_s": first_time(lines, r"^data "),
             "first_step_s": first_time(lines, r"step\s+1/"), "wall_s": lines[-1][0],
-            "smaps_kb": {pid: {f: s.get(f) for f in fields} for pid, s in sample.items()}}
+            "smaps_kb": median_sample(samples)}
+
+
+def median_sample(samples):
+    """Per process, the median of each field over the samples in which every process holds all
+    of tokens.bin (a process tearing down its mappings at exit would skew a single sample)."""
+    n_processes = max((len(s) for s in samples), default=0)
+    full_rss = max((v["file_Rss"] for s in samples for v in s.values()), default=0)
+    whole = [s for s in samples
+             if len(s) == n_processes and all(v["file_Rss"] == full_rss for v in s.values())]
+    pids = whole[-1].keys() if whole else []
+    return {pid: {f: float(np.median([s[pid][f] for s in whole])) for f in SMAPS_FIELDS}
+            | {"samples": len(whole)} for pid in pids}
 
 
 def measure_pretrain(cfg, corpora, work):
