@@ -185,6 +185,12 @@ class TestOutDir:
         assert (tmp_path / "out" / "notes.txt").read_text() == "kept"
         assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step-4"
 
+    def test_a_missing_corpus_fails_before_the_teacher_loads(self, tmp_path):
+        r = cli("pretrain", "--teacher", "nobody/absent-model", "--data", str(tmp_path / "none.txt"),
+                "--out", str(tmp_path / "o"), env={"HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 1 and "--data" in r.stderr and "none.txt" in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
+
     def test_failure_before_the_first_checkpoint_leaves_no_folder(self, tmp_path, corpus):
         with pytest.raises(UserError):
             pretrain(pretrain_config(tmp_path, corpus, teacher=str(tmp_path / "nope")))

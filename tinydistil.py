@@ -45,7 +45,7 @@ class PretrainConfig:
     teacher: str = "bert-base-uncased"   # Hub repo id or local folder of a BERT with MLM head
     out: str = "out/student"             # the student (DistilBERT layout) and its checkpoints
     recipe: str = "small"                # small (a laptop, minutes) or paper (the reference's)
-    data: str = "wikitext-2-raw"         # wikitext-2[-raw], wikitext-103[-raw], a text file, folder
+    data: str = "wikitext-2-raw"         # wikitext-2[-raw], -103[-raw], .txt/.jsonl file or folder
     data_fraction: Optional[float] = None  # keep the first fraction of the text; None: the recipe's
     data_dir: Optional[str] = None       # default $TINYDISTIL_DATA, else ~/.cache/tinydistil
     n_layer: int = 6                     # student depth; teacher layers spread evenly (layer_map)
@@ -66,7 +66,7 @@ class PretrainConfig:
     temperature: float = 2.0             # softmax temperature of L_ce
     mlm_mask_prop: float = 0.15          # fraction of the tokens the MLM predicts
     mlm_smoothing: float = 0.7           # masking probability of a token is count ** -smoothing
-    teacher_dtype: Optional[str] = None  # float32, bfloat16 or auto (bf16 if native); None: recipe's
+    teacher_dtype: Optional[str] = None  # float32, bfloat16, auto (bf16 if native); None: recipe
     dtype: str = "float32"               # float32 or bfloat16 (autocast) for the student
     log_every: int = 10                  # optimizer steps between two log lines
     save_every: Optional[int] = None     # steps between checkpoints; None: 5 per run
@@ -604,6 +604,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def pretrain(cfg: PretrainConfig):
     """Distil a student from cfg.teacher (paper sections 2 and 3) into cfg.out; return it."""
+    from data import WIKITEXT, corpus_files
     from model import configure_optimizers
     dist = start_processes(cfg.device)
     cfg = resolve_recipe(cfg, dist.world, dist.device)
@@ -612,6 +613,8 @@ def pretrain(cfg: PretrainConfig):
     echo = print if master else quiet
     with claim_out_dir(cfg, out, master):
         state = read_checkpoint(cfg, out, dist.world) if cfg.resume else None
+        if cfg.data not in WIKITEXT:  # a missing corpus path fails before the teacher loads
+            corpus_files(cfg.data, None)
         echo(describe_recipe(cfg, dist.world))
         torch.manual_seed(cfg.seed + dist.rank)  # dropout (and a random student) differ per rank
         random.seed(cfg.seed)
