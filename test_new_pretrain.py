@@ -229,6 +229,18 @@ class TestLongRuns:
         log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
         assert all(r["mfu"] is None or 0 < r["mfu"] <= 1 for r in log)
 
+    def test_logged_losses_are_means_over_the_interval(self, tmp_path, corpus):
+        every = [json.loads(line) for line in self._log(tmp_path / "a", corpus, log_every=1)]
+        pairs = [json.loads(line) for line in self._log(tmp_path / "b", corpus, log_every=2)]
+        for two, (x, y) in zip(pairs, zip(every[0::2], every[1::2])):
+            for key in ("loss", "loss_mlm", "loss_cos"):
+                assert abs(two[key] - (x[key] + y[key]) / 2) < 1e-5, key
+
+    @staticmethod
+    def _log(tmp_path, corpus, log_every):
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=4, log_every=log_every))
+        return (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()
+
     def test_default_save_interval_checkpoints_a_run_five_times(self, tmp_path, corpus, capsys):
         pretrain(pretrain_config(tmp_path, corpus, max_steps=10, save_every=None, log_every=1))
         state = torch.load(tmp_path / "out" / "checkpoints" / "step-10" / "train_state.pt",

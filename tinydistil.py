@@ -514,7 +514,8 @@ class TrainLog:
         self.sums, self.tokens, self.busy, self.t0 = {}, 0, 0.0, time.perf_counter()
 
     def add(self, loss, terms, n_tokens: int, seq_len: int):
-        """After each micro-batch: its loss terms (averaged over the step), tokens and FLOPs."""
+        """After each micro-batch: its loss terms (a step's is the mean of its micro-batches'; a
+        log line shows the mean over its steps), tokens and FLOPs."""
         for name, value in {"loss": loss, **terms}.items():
             self.sums[name] = self.sums.get(name, 0.0) + value.item() / self.cfg.grad_accum
         self.tokens += n_tokens * self.dist.world
@@ -528,12 +529,13 @@ class TrainLog:
         if step % self.cfg.log_every and step != self.total:
             return
         sync(self.dist.device)
-        seconds = time.perf_counter() - self.t0
-        ms = 1000 * seconds / (step - self.logged_at)
+        seconds, n_steps = time.perf_counter() - self.t0, step - self.logged_at
+        ms = 1000 * seconds / n_steps
         self.peak_scale = max(self.peak_scale, self.busy / seconds)  # never above 100%
         mfu = self.busy / seconds / self.peak_scale
-        rec = {"step": step, "loss": self.sums["loss"], **{f"loss_{k}": self.sums.get(k, 0.0)
-               for k in ("ce", "mlm", "cos")}, "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
+        means = {k: self.sums.get(k, 0.0) / n_steps for k in ("loss", "ce", "mlm", "cos")}
+        rec = {"step": step, "loss": means["loss"], "loss_ce": means["ce"], "loss_mlm": means["mlm"],
+               "loss_cos": means["cos"], "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
                "tokens_per_s": self.tokens / seconds, "mfu": None if math.isnan(mfu) else mfu}
         eta = time.strftime("%H:%M:%S", time.gmtime(ms / 1000 * (self.total - step)))
         terms = " | ".join(f"{k} {rec['loss_' + k]:.4f}" for k in ("ce", "mlm", "cos"))
