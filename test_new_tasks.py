@@ -25,7 +25,7 @@ from common import UserError
 from hub import load_safetensors
 from losses import L_ce, L_ce_reference, L_kd_mse, L_kd_span
 from model import BERT
-from tasks import finetune, report, squad
+from tasks import distill, finetune, report, squad
 from tasks.finetune import EvalConfig, TaskModel, run
 
 ROOT = Path(__file__).parent
@@ -226,6 +226,11 @@ class TestDistillationDuringFineTuning:
             with pytest.raises(UserError, match=message.replace("[", r"\[")):
                 run(tiny_cfg(task_data, tmp_path, task, teacher=teacher))
         assert not (tmp_path / "results.jsonl").exists()
+        config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}  # saved without label names
+        (no_task / "config.json").write_text(json.dumps(config))
+        assert distill.check_teacher(str(no_task), "sst2", TINY) == no_task
+        with pytest.raises(UserError, match="mnli needs labels"):  # 2 unnamed labels, not 3
+            distill.check_teacher(str(no_task), "mnli", TINY)
 
     def test_glue_needs_a_teacher_for_every_task_before_training(self, task_data, teachers,
                                                                   tmp_path):

@@ -35,6 +35,17 @@ def _describe(head):
     return f"labels {list(head.labels)}" if head.labels else "a regression score"
 
 
+def _same_head(head, wanted):
+    """Same kind of head and the same labels in the same order; a checkpoint saved without label
+    names (transformers' default LABEL_0, LABEL_1, ...) is taken at its word on the order."""
+    if head.qa != wanted.qa or (head.labels is None) != (wanted.labels is None):
+        return False
+    if head.labels is None:
+        return True
+    unnamed = tuple(f"LABEL_{i}" for i in range(len(wanted.labels)))
+    return head.labels in (tuple(wanted.labels), unnamed)
+
+
 def check_teacher(name, task, student):
     """The teacher's folder, once its config.json and tokenizer show that it is fine-tuned on task
     (same head and labels) and reads the student's token ids (same vocabulary); else one line."""
@@ -47,7 +58,7 @@ def check_teacher(name, task, student):
     if head.task not in (None, task):
         raise UserError(f"--teacher {name} was fine-tuned on {head.task}, not {task}: "
                         f"give a teacher fine-tuned on {task}")
-    if (head.qa, head.labels) != (wanted.qa, wanted.labels):
+    if not _same_head(head, wanted):
         raise UserError(f"--teacher {name} has a head for {_describe(head)}; {task} needs "
                         f"{_describe(wanted)}: give a teacher fine-tuned on {task}")
     teacher_vocab = data.load_tokenizer(folder).get_vocab()
