@@ -39,11 +39,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from common import UserError, atomic_write, build_parser, looks_like_path, pick_device
+from common import UserError, atomic_write, build_parser, looks_like_path, pick_device, sync
 from hub import NoCheckpointFolder, checkpoint_folder
 from model import BERT, Attention, BertConfig
 from tasks import glue
-from tasks.finetune import TaskModel
+from tasks.heads import TaskModel
 
 STAND_IN = Path(__file__).resolve().parent / "fixtures" / "bench"  # pairs; bert-base-uncased vocab
 PAPER = [("ELMo", 180, 895), ("BERT-base", 110, 668), ("DistilBERT", 66, 410)]  # M params, seconds
@@ -491,7 +491,7 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
           f"{torch.get_num_threads()} threads, {device}")
     for step in range(cfg.steps + 1):
         if step == 1:
-            tinydistil.sync(device)
+            sync(device)
             t0 = time.perf_counter()
         ids = torch.randint(first_word, V, (cfg.batch_size, cfg.seq_len), device=device)
         mask = torch.ones_like(ids)
@@ -501,7 +501,7 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
         nn.utils.clip_grad_norm_(student.parameters(), pcfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    tinydistil.sync(device)
+    sync(device)
     seconds = (time.perf_counter() - t0) / cfg.steps
     tokens = cfg.batch_size * cfg.seq_len
     result = {"tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds,

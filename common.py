@@ -63,6 +63,22 @@ def pick_device(name: str = "auto", local_rank=None) -> torch.device:
     return device
 
 
+def has_bfloat16_matmul(device: torch.device) -> bool:
+    """bfloat16 matmuls run natively on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere they
+    are emulated, several times slower than float32 (studies/teacher_precision.md)."""
+    if device.type == "cuda":
+        return True
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def sync(device: torch.device):
+    """Wait for the device's queued work, so a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def warmup_steps(total_steps: int, warmup_fraction: float) -> int:
     """Steps of linear warm-up: the fraction of the run, rounded up (the reference's math.ceil)."""
     return math.ceil(warmup_fraction * total_steps)

@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (UserError, add_dataclass_args, atomic_write, lr_factor, pick_device,
-                    warmup_steps)
+from common import (UserError, add_dataclass_args, atomic_write, has_bfloat16_matmul, lr_factor,
+                    pick_device, sync, warmup_steps)
 
 
 # ----------------------------------------------------------------------------- config and recipes
@@ -448,16 +448,6 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def has_bfloat16_matmul(device: torch.device) -> bool:
-    """bfloat16 matmuls run natively on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere they are
-    emulated, and their speed is no peak to measure utilisation against."""
-    if device.type == "cuda":
-        return True
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 _PEAKS = {}
 
 
@@ -480,11 +470,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
                 best = min(best, time.perf_counter() - t0)
         _PEAKS[(device, dtype)] = 2 * n ** 3 / best
     return _PEAKS[(device, dtype)]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def flops_per_token(cfg, seq_len: int, with_head: bool) -> float:
@@ -534,8 +519,8 @@ class TrainLog:
         self.peak_scale = max(self.peak_scale, self.busy / seconds)  # never above 100%
         mfu = self.busy / seconds / self.peak_scale
         means = {k: self.sums.get(k, 0.0) / n_steps for k in ("loss", "ce", "mlm", "cos")}
-        rec = {"step": step, "loss": means["loss"], "loss_ce": means["ce"], "loss_mlm": means["mlm"],
-               "loss_cos": means["cos"], "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
+        rec = {"step": step, "loss": means["loss"], "loss_ce": means["ce"],
+               "loss_mlm": means["mlm"], "loss_cos": means["cos"], "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
                "tokens_per_s": self.tokens / seconds, "mfu": None if math.isnan(mfu) else mfu}
         eta = time.strftime("%H:%M:%S", time.gmtime(ms / 1000 * (self.total - step)))
         terms = " | ".join(f"{k} {rec['loss_' + k]:.4f}" for k in ("ce", "mlm", "cos"))

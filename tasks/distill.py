@@ -18,7 +18,6 @@ config.json and tokenizer before any data or weights are loaded; the choice of t
 precision; the KD term for a head.
 """
 import json
-import time
 
 import torch
 
@@ -68,29 +67,6 @@ def check_teacher(name, task, student):
                         f"than the student {student} ({len(student_vocab)}): the two must read "
                         f"the same token ids")
     return folder
-
-
-def faster_dtype(model, batch):
-    """torch.bfloat16 if a forward of batch runs faster under bfloat16 autocast than in float32
-    (the second of two timings each: the first warms up), else torch.float32. Soft targets lose
-    little to bfloat16; CPUs without bfloat16 instructions run it several times slower."""
-    device = batch["input_ids"].device
-    seconds = {}
-    with torch.no_grad():
-        for dtype in (torch.float32, torch.bfloat16):
-            with torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
-                for _ in range(2):
-                    _sync(device)
-                    start = time.perf_counter()
-                    model(**batch)
-                    _sync(device)
-                    seconds[dtype] = time.perf_counter() - start
-    return min(seconds, key=seconds.get)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def kd_term(logits, teacher_logits, attention_mask, model, temperature):

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from common import UserError, looks_like_path, lr_factor, pick_device, warmup_steps
+from common import (UserError, has_bfloat16_matmul, looks_like_path, lr_factor, pick_device,
+                    warmup_steps)
 from losses import total_loss
 from model import BERT, configure_optimizers
 from tasks import distill, glue, imdb, squad
@@ -72,7 +73,7 @@ class EvalConfig:
     teacher: Optional[str] = None             # task model to distil from (glue: DIR/<task>)
     alpha_kd: float = 0.5                     # loss: (1 - alpha) * task + alpha * distillation
     kd_temperature: float = 2.0               # softmax temperature of the distillation term
-    teacher_dtype: str = "auto"               # auto: bfloat16 where faster; float32; bfloat16
+    teacher_dtype: str = "auto"               # auto: bfloat16 where native; float32; bfloat16
     lr: Optional[float] = None                # None: the task's default (DEFAULTS)
     epochs: Optional[int] = None              # None: the task's default; 0 scores the fresh head
     batch_size: int = 32
@@ -276,9 +277,8 @@ def teacher_logits(teacher, items, tok, cfg):
     start = time.time()
     teacher.to(cfg.device)
     dtype = DTYPES.get(cfg.teacher_dtype)
-    if dtype is None:  # auto: time one batch both ways
-        x, _ = _collate(items[:cfg.batch_size], tok, cfg, teacher.labels is None)
-        dtype = distill.faster_dtype(teacher, {k: v.to(cfg.device) for k, v in x.items()})
+    if dtype is None:  # auto: bfloat16 where the hardware multiplies it natively, as pretrain
+        dtype = torch.bfloat16 if has_bfloat16_matmul(torch.device(cfg.device)) else torch.float32
     logits = predict(teacher, items, tok, cfg, f"{cfg.task} teacher", dtype, np.float16)
     teacher.cpu()
     info = {"model": cfg.teacher, "alpha_kd": cfg.alpha_kd, "temperature": cfg.kd_temperature,
