@@ -174,22 +174,31 @@ def pretrain(name, flags, cfg, env):
             seconds = run_logged(cmd + ["--out", str(tmp)], env["logs"] / f"{name}-pretrain.log",
                                  cwd=env["code"])
         tmp.rename(out)
-    return out, [" ".join(cmd + ["--out", str(out)])], seconds, last_losses(out)
+    return out, [" ".join(cmd + ["--out", str(out)])], seconds, last_losses(out, env["sha"])
 
 
-def last_losses(student_dir):
-    """The pretraining's last logged losses per step, or None when it did not train. The log
-    (train_log.jsonl at 3a6e82b) writes each term's SUM over the steps since the previous line, so
-    the last line is divided by the steps it covers."""
+MEAN_LOG_COMMIT = "d7e10b5"  # from here on the pretrain log holds means over its interval
+
+
+def log_holds_sums(sha):
+    """Before d7e10b5 train_log.jsonl wrote each loss term's SUM over the steps since its previous
+    line, not their mean."""
+    newer = subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", MEAN_LOG_COMMIT,
+                            sha], capture_output=True)
+    return newer.returncode != 0
+
+
+def last_losses(student_dir, sha):
+    """The pretraining's last logged losses per step, or None when it did not train."""
     log = Path(student_dir) / "train_log.jsonl"
     lines = log.read_text().splitlines() if log.is_file() else []
     if not lines:
         return None
     last = json.loads(lines[-1])
     previous = json.loads(lines[-2])["step"] if len(lines) > 1 else 0
-    steps = last["step"] - previous
+    steps = last["step"] - previous if log_holds_sums(sha) else 1
     losses = {k: v / steps for k, v in last.items() if k.startswith("loss")}
-    return {"step": last["step"], "interval_steps": steps, **losses}
+    return {"step": last["step"], "interval_steps": last["step"] - previous, **losses}
 
 
 def refresh_losses(done, results):
@@ -198,7 +207,7 @@ def refresh_losses(done, results):
     stale = [r for r in done.values() if r.get("pretrain_final")
              and "interval_steps" not in r["pretrain_final"] and Path(r["student"]).is_dir()]
     for r in stale:
-        r["pretrain_final"] = last_losses(r["student"])
+        r["pretrain_final"] = last_losses(r["student"], r["commit"])
     if stale:
         atomic_write(results, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
 
