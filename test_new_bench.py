@@ -57,7 +57,7 @@ class TestBenchHelp:
         options = {}  # "--flag": its help, which a long flag starts on the next line
         help_lines = capsys.readouterr().out.split("options:")[1].strip().splitlines()
         for line in help_lines:
-            if line.strip().startswith("-"):
+            if re.match(r" {0,2}-", line):  # an option: its help below is indented 24
                 flag = line.split()[0].rstrip(",")
             options[flag] = " ".join([options.get(flag, ""), line.strip()])
         comments = field_comments(bench.BenchConfig)
