@@ -324,7 +324,10 @@ def check_out_dir(cfg, out: Path):
         print(f"--overwrite: replacing {', '.join(replaced)} in {out}")
         for name in replaced:
             path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 # ----------------------------------------------------------------------------- checkpoints
