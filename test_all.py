@@ -1,7 +1,7 @@
 """test_all.py: the tests of tinydistil, all in this one file. Offline, CPU only.
 
-    python -m pytest -q test_all.py                # all of it, about 65 s on 2 cores (.ci/run)
-    python -m pytest -q test_all.py -m "not slow"  # without the slow tests: about 40 s
+    python -m pytest -q test_all.py                # all of it, 60 to 70 s on 2 cores (.ci/run)
+    python -m pytest -q test_all.py -m "not slow"  # without the slow tests: about 30 s
     python -m pytest -q test_all.py -k TestSquad   # one module's tests (-k matches name parts)
 
 One class per source module, in the order of the README's layout:
@@ -43,8 +43,8 @@ requested by name or by a class mark, so each applies to exactly the tests that 
 tasks_offline on the task classes, bench_offline on TestBench. The one autouse fixture, one_thread,
 is suite-wide on purpose: torch runs on 1 thread in this process. The models run here are at most
 32 wide (bench.main sets its own thread count for BERT-base), so a second thread gains nothing, and
-beside another job on 2 cores it makes torch wait for a core: the in-process pretraining test took
-4 to 64 s at 2 threads under load, 3 s at 1; idle, the suite takes the same time either way.
+beside another job on 2 cores it makes torch wait for a core (measured when this was decided: the
+in-process pretraining test took 4 to 64 s at 2 threads under load, 3 s at 1; idle, the same).
 Subprocesses (the CLI, SIGKILL, SIGTERM and DDP tests) keep their own thread settings.
 """
 
@@ -703,6 +703,7 @@ class TestModel:
             assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == \
                 json.loads((MODELS / name / "config.json").read_text())["model_type"]
 
+    @pytest.mark.slow
     def test_presets_build_without_download(self):
         # The paper's Table 3 counts the encoders (BertModel, DistilBertModel): 110M and 66M.
         bert = BERT(replace(BertConfig.preset("bert-base-uncased"), mlm_head=False))
@@ -1557,7 +1558,6 @@ class TestData:
         monkeypatch.undo()
         assert len(load_corpus(corpus, tok, tmp_path, data_fraction=1.0)) > 0
 
-    @pytest.mark.slow
     @pytest.mark.parametrize("where", ["mid-way", "before the rename"])
     def test_sigkill_leaves_nothing_that_looks_finished(self, data_tok, tmp_path, where):
         corpus = corpus_file(tmp_path)
@@ -2123,6 +2123,7 @@ class TestPretrain:
             pretrain(pretrain_config(tmp_path, corpus, out=str(model_copy)))
         assert tree(model_copy) == before
 
+    @pytest.mark.slow
     def test_out_is_a_file_or_unwritable(self, tmp_path, corpus):
         (tmp_path / "file").write_text("x")
         r = cli("pretrain", "--teacher", TEACHER, "--out", str(tmp_path / "file"))
@@ -2183,6 +2184,7 @@ class TestPretrain:
         assert r.stderr.strip() == f"error: {r.stderr.strip()[7:]}" and message in r.stderr
         assert not (tmp_path / "o").exists()
 
+    @pytest.mark.slow
     def test_resume_after_sigkill_matches_an_uninterrupted_run(self, tmp_path, corpus):
         args = ["pretrain", "--teacher", TEACHER, "--data", str(corpus),
                 "--data-dir", str(tmp_path / "data"), "--n-layer", "2", "--batch-size", "16",
@@ -2245,6 +2247,7 @@ class TestPretrain:
         b = load_safetensors(out / "model.safetensors")
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
+    @pytest.mark.slow
     def test_ddp_two_gloo_processes(self, tmp_path, corpus):
         out = tmp_path / "ddp"
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -2262,6 +2265,7 @@ class TestPretrain:
         assert len(state["rng"]["mask"]) == 2  # each rank's masking stream is saved for resumption
         BERT.from_pretrained(str(out))
 
+    @pytest.mark.slow
     def test_cli_help_and_one_line_errors(self, tmp_path):
         r = cli("--help")
         assert r.returncode == 0
@@ -2275,6 +2279,7 @@ class TestPretrain:
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "o").exists()
 
+    @pytest.mark.slow
     def test_fill_mask_prints_top_5(self):
         r = cli("fill-mask", "the cat sat on the [MASK] .", "--model", TEACHER)
         assert r.returncode == 0, r.stderr
@@ -2889,7 +2894,6 @@ class TestFinetune:
 # ----------------------------------------------------------------------------- tasks/distill.py
 
 @pytest.mark.usefixtures("tasks_offline")
-@pytest.mark.slow  # the first test here trains the three tiny teachers
 class TestDistill:
     def test_alpha_zero_is_exactly_the_plain_run(self, task_data, teachers, tmp_path):
         plain = run(tiny_cfg(task_data, tmp_path, epochs=2, out=str(tmp_path / "plain")))
@@ -3193,6 +3197,7 @@ class TestBench:
         out = capsys.readouterr().out
         assert "RANDOM WEIGHTS" in out and "(random weights)" in out
 
+    @pytest.mark.slow
     def test_offline_preset_is_built_with_random_weights(self, tmp_path, capsys):
         rows = run_json(tmp_path, "--models", "bert-base-uncased,distilbert-base-uncased",
                         "--limit", "1", "--dtypes", "float32")
