@@ -24,7 +24,8 @@ def L_ce(s_logits, t_logits, temperature=2.0):
         p = softmax(t_logits / T),  q = softmax(s_logits / T)
 
     i.e. KL(p || q) with reduction batchmean, as the reference's KLDivLoss; T^2 keeps the gradient
-    scale independent of T (Hinton et al. 2015). The caller passes every non-pad token, masked or not.
+    scale independent of T (Hinton et al. 2015). The caller passes every non-pad token, masked or
+    not.
 
     Its gradient has the closed form dL_ce/ds_iv = T * (q_iv - p_iv) / N, so it is computed together
     with the loss, a few rows at a time: the (N, V) float32 temporaries autograd would keep (about a
@@ -74,8 +75,8 @@ def L_ce_reference(s_logits, t_logits, temperature=2.0):
 
 
 def L_kd_span(s_logits, t_logits, attention_mask, temperature=2.0):
-    """SQuAD's distillation term (run_squad_w_distillation.py): the mean of the soft-target losses on
-    the start and on the end distributions over each window's tokens, s/t_logits (B, T, 2):
+    """SQuAD's distillation term (run_squad_w_distillation.py): the mean of the soft-target losses
+    on the start and on the end distributions over each window's tokens, s/t_logits (B, T, 2):
 
         L_kd_span = (L_ce_reference(s_start, t_start, T) + L_ce_reference(s_end, t_end, T)) / 2
 
@@ -104,7 +105,8 @@ def L_mlm(s_logits, labels):
 
     s_logits (..., V), labels (...) with -100 where nothing is predicted.
     """
-    return F.cross_entropy(s_logits.float().reshape(-1, s_logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+    flat_logits = s_logits.float().reshape(-1, s_logits.size(-1))  # (N, V)
+    return F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=-100)
 
 
 def L_cos(s_hidden, t_hidden):
@@ -119,5 +121,5 @@ def L_cos(s_hidden, t_hidden):
 
 
 def total_loss(terms, weights):
-    """sum_k weights[k] * terms[k] over the terms given; e.g. weights {"ce": 5.0, "mlm": 2.0, "cos": 1.0}."""
+    """sum_k weights[k] * terms[k] over the given terms (weights: {"ce": 5, "mlm": 2, "cos": 1})."""
     return sum(weights[k] * v for k, v in terms.items())
