@@ -485,7 +485,7 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
     V, first_word = teacher.config.vocab_size, 104  # ids below 104: [PAD], [unused*], specials
     probs = torch.ones(V)
     probs[:first_word] = 0
-    gen = torch.Generator(device).manual_seed(0)
+    mask_gen = torch.Generator(device).manual_seed(0)
     print(f"distillation step: BERT-base teacher ({pcfg.teacher_dtype}), 6-layer student "
           f"({dtype}), random weights, {cfg.batch_size} x {cfg.seq_len} tokens, "
           f"{torch.get_num_threads()} threads, {device}")
@@ -495,7 +495,7 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
             t0 = time.perf_counter()
         ids = torch.randint(first_word, V, (cfg.batch_size, cfg.seq_len), device=device)
         mask = torch.ones_like(ids)
-        ids, labels = mask_batch(ids, mask, probs, 103, V, gen, pcfg.mlm_mask_prop)
+        ids, labels = mask_batch(ids, mask, probs, 103, V, mask_gen, pcfg.mlm_mask_prop)
         loss, _ = tinydistil.distillation_loss(teacher, model, ids, mask, labels, pcfg, dtypes)
         loss.backward()
         nn.utils.clip_grad_norm_(student.parameters(), pcfg.max_grad_norm)
@@ -517,13 +517,14 @@ def step_mfu(teacher, student, dtypes, device, tokens, seq_len, seconds):
     """Model FLOPs of a step over what the peaks would do in its time: the teacher forward (1x),
     the student forward and backward (3x), L_ce's head on every row. None if a peak is unknown."""
     import tinydistil
-    busy = 0.0
+    seconds_at_peak = 0.0
     for model, dtype, passes in ((teacher, dtypes[0], 1), (student, dtypes[1], 3)):
         peak = tinydistil.peak_flops(device, dtype)
         if peak is None:
             return None
-        busy += passes * tokens * tinydistil.flops_per_token(model.config, seq_len, True) / peak
-    return min(1.0, busy / seconds)  # a peak measured under load can read low
+        flops = passes * tokens * tinydistil.flops_per_token(model.config, seq_len, True)
+        seconds_at_peak += flops / peak
+    return min(1.0, seconds_at_peak / seconds)  # a peak measured under load can read low
 
 
 # ----------------------------------------------------------------------------- the run

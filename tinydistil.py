@@ -461,8 +461,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
         return None
     if (device, dtype) not in _PEAKS:
         n = 4096 if device.type == "cuda" else 2048
-        gen = torch.Generator(device).manual_seed(0)  # not the global stream: resumption replays it
-        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
+        numbers = torch.Generator(device).manual_seed(0)  # not the global stream: resume replays it
+        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=numbers) for _ in range(2))
         best = float("inf")
         with torch.inference_mode():
             for _ in range(4):  # the first warms up; the best of the rest is the least disturbed
@@ -499,18 +499,20 @@ class TrainLog:
         self.reset()
 
     def reset(self):
-        self.sums, self.tokens, self.busy, self.t0 = {}, 0, 0.0, time.perf_counter()
+        self.loss_sums, self.tokens, self.seconds_at_peak = {}, 0, 0.0
+        self.t0 = time.perf_counter()
 
     def add(self, loss, terms, n_tokens: int, seq_len: int):
         """After each micro-batch: its loss terms (a step's is the mean of its micro-batches'; a
         log line shows the mean over its steps), tokens and FLOPs."""
         for name, value in {"loss": loss, **terms}.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.item() / self.cfg.grad_accum
+            step_share = value.item() / self.cfg.grad_accum
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + step_share
         self.tokens += n_tokens * self.dist.world
         with_head = self.cfg.alpha_ce > 0
         for model, peak, passes in zip(self.models, self.peaks, (1, 3)):
             flops = passes * n_tokens * flops_per_token(model.config, seq_len, with_head)
-            self.busy += flops / peak if peak else float("nan")
+            self.seconds_at_peak += flops / peak if peak else float("nan")
 
     def step(self, step: int, lr: float, grad_norm: float):
         self.bar.update()
@@ -519,11 +521,12 @@ class TrainLog:
         sync(self.dist.device)
         seconds, n_steps = time.perf_counter() - self.t0, step - self.logged_at
         ms = 1000 * seconds / n_steps
-        self.peak_scale = max(self.peak_scale, self.busy / seconds)  # never above 100%
-        mfu = self.busy / seconds / self.peak_scale
-        means = {k: self.sums.get(k, 0.0) / n_steps for k in ("loss", "ce", "mlm", "cos")}
+        self.peak_scale = max(self.peak_scale, self.seconds_at_peak / seconds)  # never above 100%
+        mfu = self.seconds_at_peak / seconds / self.peak_scale
+        means = {k: self.loss_sums.get(k, 0.0) / n_steps for k in ("loss", "ce", "mlm", "cos")}
         rec = {"step": step, "loss": means["loss"], "loss_ce": means["ce"],
-               "loss_mlm": means["mlm"], "loss_cos": means["cos"], "lr": lr, "grad_norm": grad_norm, "ms_per_step": ms,
+               "loss_mlm": means["mlm"], "loss_cos": means["cos"], "lr": lr,
+               "grad_norm": grad_norm, "ms_per_step": ms,
                "tokens_per_s": self.tokens / seconds, "mfu": None if math.isnan(mfu) else mfu}
         eta = time.strftime("%H:%M:%S", time.gmtime(ms / 1000 * (self.total - step)))
         terms = " | ".join(f"{k} {rec['loss_' + k]:.4f}" for k in ("ce", "mlm", "cos"))
