@@ -87,6 +87,7 @@ ROWS = {
     "sweep-best-b32": "recipe sweep: the better lr at batch 32 (half the steps)",
     "distilled-full": "teacher layers, distilled on the whole of WikiText-2",
     "sweep-lr3e-5-b16": "recipe sweep: lr 3e-5, batch 16",
+    "distilled-512": "teacher layers, the small recipe with 512-token sequences (--seq-len 512)",
 }
 # A second task repeats the rows that answer "what does distillation add over initialisation".
 OTHER_TASK_ROWS = ("teacher", "distilled-small", "truncated", "random")
@@ -111,6 +112,7 @@ def row_flags(name, done, cfg):
              "random-distilled": SMALL + ["--student-init", "random"],
              "cos-only": SMALL + ["--alpha-mlm", "0"],
              "mlm-only": SMALL + ["--alpha-cos", "0"],
+             "distilled-512": SMALL + ["--seq-len", "512"],
              "distilled-full": SMALL + full}
     return flags[name]
 

@@ -11,6 +11,12 @@ against the float32 teacher over every real token, and L_mlm and top-1 accuracy 
 own MLM head over the masked tokens. --code is the exported project version the students were made
 by (retention.py's clean copy), so the probe reads them with the same model code.
 Appends one JSON line per student to --out (studies/retention_probe.jsonl).
+
+--seq-len 512 --min-len 192 asks what the small recipe's 128-token sequences leave untrained: the
+validation paragraphs of 192 tokens or more, whole, with each measure also split by position
+(0-127, the positions every student trained; 128 on, which only a --seq-len 512 student did):
+
+    ... --seq-len 512 --min-len 192 --students truncated=DIR,distilled-small=DIR,distilled-512=DIR
 """
 import argparse
 import json
@@ -27,20 +33,26 @@ def parse_args():
     p.add_argument("--teacher", required=True, help="the teacher's checkpoint folder")
     p.add_argument("--students", required=True, help="comma-separated NAME=DIR pairs")
     p.add_argument("--data-dir", required=True, help="holds wikitext-2/wiki.valid.tokens")
-    p.add_argument("--n-seqs", type=int, default=256, help="validation sequences of 127-128 tokens")
-    p.add_argument("--out", default="studies/retention_probe.jsonl", help="one JSON line per student")
+    p.add_argument("--n-seqs", type=int, default=256, help="validation sequences, the first ones")
+    p.add_argument("--seq-len", type=int, default=128, help="texts are cut into chunks this long")
+    p.add_argument("--min-len", type=int, default=None,
+                   help="shortest chunk kept; default seq-len - 1 (full-length chunks only)")
+    p.add_argument("--out", default="studies/retention_probe.jsonl",
+                   help="one JSON line per student")
     return p.parse_args()
 
 
-def masked_batches(teacher, args, batch_size=16, seq_len=128):
-    """Full-length validation sequences masked as pretrain masks them: (input_ids, mask, labels)."""
+def masked_batches(teacher, args, batch_size=16):
+    """Validation chunks of at least --min-len tokens, masked as pretrain masks them:
+    (input_ids, mask, labels) batches."""
     from data import (collate, data_dir, load_corpus, load_tokenizer, mask_batch, special_ids,
                       token_probs)
     tok = load_tokenizer(teacher.source_dir)
     ids = special_ids(tok)
     seqs = load_corpus("wikitext-2", tok, data_dir(args.data_dir), data_fraction=1.0,
-                       seq_len=seq_len, split="valid")
-    full = [i for i in range(len(seqs)) if seqs.lengths[i] >= seq_len - 1][:args.n_seqs]
+                       seq_len=args.seq_len, split="valid")
+    min_len = args.seq_len - 1 if args.min_len is None else args.min_len
+    full = [i for i in range(len(seqs)) if seqs.lengths[i] >= min_len][:args.n_seqs]
     probs = token_probs(seqs, teacher.config.vocab_size, ids.values())
     gen = torch.Generator().manual_seed(0)
     batches = []
@@ -52,28 +64,53 @@ def masked_batches(teacher, args, batch_size=16, seq_len=128):
     return batches
 
 
+TRAINED_BY_EVERY_STUDENT = 128  # the small recipe's --seq-len: positions beyond it see no training
+
+
 @torch.no_grad()
 def probe(student, teacher, batches):
     """Held-out L_cos against the teacher (every real token) and the student's MLM loss and top-1
-    accuracy on the masked tokens (when it has a head)."""
-    cos_sum, n_tokens, mlm_sum, hits, n_masked = 0.0, 0, 0.0, 0, 0
+    accuracy on the masked tokens (when it has a head); each also over positions 0-127 and 128 on
+    when the chunks are longer."""
+    has_head = bool(student.config.mlm_head)
+    cos, mlm, hit, late_cos, late_mlm, n_masked = [], [], [], [], [], 0
     for input_ids, mask, labels in batches:
         real = mask.bool()  # (B, T)
+        positions = torch.arange(mask.shape[1]).expand_as(real)  # (B, T)
+        late = positions[real] >= TRAINED_BY_EVERY_STUDENT  # (N,)
         t_h = teacher(input_ids, mask).hidden_states[-1][real]  # (N, H)
         s_h = student(input_ids, mask).hidden_states[-1][real]  # (N, H)
-        cos_sum += (1 - F.cosine_similarity(s_h, t_h, dim=-1)).sum().item()
-        n_tokens += len(t_h)
+        cos.append(1 - F.cosine_similarity(s_h, t_h, dim=-1))
+        late_cos.append(late)
         predicted = labels[real] != -100  # (N,)
-        if student.config.mlm_head:
+        n_masked += int(predicted.sum())
+        if has_head:
             logits = student.mlm_logits(s_h[predicted])  # (M, V)
             gold = labels[real][predicted]
-            mlm_sum += F.cross_entropy(logits, gold, reduction="sum").item()
-            hits += (logits.argmax(-1) == gold).sum().item()
-        n_masked += int(predicted.sum())
-    has_head = bool(student.config.mlm_head)
-    return {"heldout_L_cos": cos_sum / n_tokens, "tokens": n_tokens, "masked": n_masked,
-            "heldout_L_mlm": mlm_sum / n_masked if has_head else None,
-            "heldout_mlm_top1": hits / n_masked if has_head else None}
+            mlm.append(F.cross_entropy(logits, gold, reduction="none"))
+            hit.append((logits.argmax(-1) == gold).float())
+            late_mlm.append(late[predicted])
+    cos, late_cos = torch.cat(cos), torch.cat(late_cos)
+    line = {"heldout_L_cos": cos.mean().item(), "tokens": len(cos),
+            "masked": n_masked,
+            "heldout_L_mlm": torch.cat(mlm).mean().item() if has_head else None,
+            "heldout_mlm_top1": torch.cat(hit).mean().item() if has_head else None}
+    if late_cos.any():
+        line["by_position"] = by_position(cos, late_cos, mlm, hit, late_mlm, has_head)
+    return line
+
+
+def by_position(cos, late_cos, mlm, hit, late_mlm, has_head):
+    """The probe's measures over positions 0-127 and 128 on."""
+    out = {}
+    mlm, hit, late_mlm = (torch.cat(x) if has_head else None for x in (mlm, hit, late_mlm))
+    for name, keep_cos, keep_mlm in (("0-127", ~late_cos, None if mlm is None else ~late_mlm),
+                                     ("128+", late_cos, late_mlm)):
+        out[name] = {"L_cos": cos[keep_cos].mean().item(), "tokens": int(keep_cos.sum())}
+        if has_head:
+            out[name].update(L_mlm=mlm[keep_mlm].mean().item(),
+                             mlm_top1=hit[keep_mlm].mean().item(), masked=int(keep_mlm.sum()))
+    return out
 
 
 def main():
@@ -87,8 +124,8 @@ def main():
         name, folder = pair.split("=", 1)
         t0 = time.time()
         student = BERT.from_pretrained(folder).eval()
-        line = {"student": name, "dir": folder, "code": args.code, **probe(student, teacher, batches),
-                "seconds": round(time.time() - t0, 1)}
+        line = {"student": name, "dir": folder, "code": args.code, "seq_len": args.seq_len,
+                **probe(student, teacher, batches), "seconds": round(time.time() - t0, 1)}
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
         print(json.dumps(line), flush=True)
