@@ -1000,16 +1000,10 @@ class TestHub:
         with pytest.raises(UserError, match="cannot reach the Hub.*not in the cache"):
             snapshot_download("org/other")
 
-    def test_corrupt_blob_leaves_nothing(self, fake_hub):
-        fake_hub.fault = "corrupt"
-        with pytest.raises(UserError, match="corrupt"):
-            snapshot_download(REPO)
-        assert_nothing_left(fake_hub)
-        assert not list((repo_dir(fake_hub) / "blobs").glob("*.incomplete"))
-
-    def test_short_body_leaves_nothing(self, fake_hub):
-        fake_hub.fault = "short"
-        with pytest.raises(UserError, match="expected 200000"):
+    @pytest.mark.parametrize("fault, error", [("corrupt", "corrupt"), ("short", "expected 200000")])
+    def test_bad_blob_leaves_nothing(self, fake_hub, fault, error):
+        fake_hub.fault = fault
+        with pytest.raises(UserError, match=error):
             snapshot_download(REPO)
         assert_nothing_left(fake_hub)
         assert not list((repo_dir(fake_hub) / "blobs").glob("*.incomplete"))
