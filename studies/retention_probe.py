@@ -73,7 +73,7 @@ def probe(student, teacher, batches):
     accuracy on the masked tokens (when it has a head); each also over positions 0-127 and 128 on
     when the chunks are longer."""
     has_head = bool(student.config.mlm_head)
-    cos, mlm, hit, late_cos, late_mlm, n_masked = [], [], [], [], [], 0
+    cos, mlm, hit, late_token, late_masked, n_masked = [], [], [], [], [], 0
     for input_ids, mask, labels in batches:
         real = mask.bool()  # (B, T)
         positions = torch.arange(mask.shape[1]).expand_as(real)  # (B, T)
@@ -81,7 +81,7 @@ def probe(student, teacher, batches):
         t_h = teacher(input_ids, mask).hidden_states[-1][real]  # (N, H)
         s_h = student(input_ids, mask).hidden_states[-1][real]  # (N, H)
         cos.append(1 - F.cosine_similarity(s_h, t_h, dim=-1))
-        late_cos.append(late)
+        late_token.append(late)
         predicted = labels[real] != -100  # (N,)
         n_masked += int(predicted.sum())
         if has_head:
@@ -89,27 +89,27 @@ def probe(student, teacher, batches):
             gold = labels[real][predicted]
             mlm.append(F.cross_entropy(logits, gold, reduction="none"))
             hit.append((logits.argmax(-1) == gold).float())
-            late_mlm.append(late[predicted])
-    cos, late_cos = torch.cat(cos), torch.cat(late_cos)
+            late_masked.append(late[predicted])
+    cos, late_token = torch.cat(cos), torch.cat(late_token)
     line = {"heldout_L_cos": cos.mean().item(), "tokens": len(cos),
             "masked": n_masked,
             "heldout_L_mlm": torch.cat(mlm).mean().item() if has_head else None,
             "heldout_mlm_top1": torch.cat(hit).mean().item() if has_head else None}
-    if late_cos.any():
-        line["by_position"] = by_position(cos, late_cos, mlm, hit, late_mlm, has_head)
+    if late_token.any():
+        line["by_position"] = by_position(cos, late_token, mlm, hit, late_masked, has_head)
     return line
 
 
-def by_position(cos, late_cos, mlm, hit, late_mlm, has_head):
+def by_position(cos, late_token, mlm, hit, late_masked, has_head):
     """The probe's measures over positions 0-127 and 128 on."""
     out = {}
-    mlm, hit, late_mlm = (torch.cat(x) if has_head else None for x in (mlm, hit, late_mlm))
-    for name, keep_cos, keep_mlm in (("0-127", ~late_cos, None if mlm is None else ~late_mlm),
-                                     ("128+", late_cos, late_mlm)):
-        out[name] = {"L_cos": cos[keep_cos].mean().item(), "tokens": int(keep_cos.sum())}
+    for name, is_late in (("0-127", False), ("128+", True)):
+        keep = late_token == is_late
+        out[name] = {"L_cos": cos[keep].mean().item(), "tokens": int(keep.sum())}
         if has_head:
-            out[name].update(L_mlm=mlm[keep_mlm].mean().item(),
-                             mlm_top1=hit[keep_mlm].mean().item(), masked=int(keep_mlm.sum()))
+            keep = torch.cat(late_masked) == is_late
+            out[name].update(L_mlm=torch.cat(mlm)[keep].mean().item(),
+                             mlm_top1=torch.cat(hit)[keep].mean().item(), masked=int(keep.sum()))
     return out
 
 
