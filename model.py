@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, writing
 from hub import (LAYOUTS, checkpoint_folder, config_from_hf, config_to_hf, load_safetensors,
                  save_safetensors)
 
@@ -280,7 +280,8 @@ class BERT(nn.Module):
         """config.json + model.safetensors (+ tokenizer files), loadable by the reference library.
         A task model passes its own tensors and config.json dict (the encoder's plus its head)."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
         if tensors is None:
             state = self.state_dict()
             tensors = {theirs: state[ours] for ours, theirs in self.checkpoint_names().items()}

@@ -34,8 +34,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from common import (UserError, add_dataclass_args, atomic_write, has_bfloat16_matmul, lr_factor,
-                    pick_device, sync, warmup_steps)
+from common import (LOCK_FILE, FolderLock, UserError, add_dataclass_args, append_line, atomic_write,
+                    check_free_space, has_bfloat16_matmul, lr_factor, pick_device, sync,
+                    warmup_steps, write_error)
 
 
 # ----------------------------------------------------------------------------- config and recipes
@@ -278,35 +279,43 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device",
 
 class claim_out_dir:
     """`with claim_out_dir(cfg, out, master):` --out must be new, empty, or a tinydistil run of its
-    own (then --resume or --overwrite): a user's files are never overwritten. The folder is created
-    and written to before the teacher loads, so a bad path fails in a second, not after the run;
-    if the run then fails before its first checkpoint, a folder this call created is removed."""
+    own (then --resume or --overwrite): a user's files are never overwritten. The run holds a lock
+    on --out until it ends (common.FolderLock), taken before anything in it is checked or
+    replaced: a second run, --resume or --overwrite of a running run is refused. The folder is
+    created and written to before the teacher loads, so a bad path fails in a second, not after
+    the run; if the run then fails before its first complete checkpoint, a folder this call
+    created is removed."""
 
     def __init__(self, cfg, out: Path, master: bool):
-        self.out, self.created = out, False
+        self.out, self.created, self.lock = out, False, None
         if master:
             self.created = not out.exists()
-            check_out_dir(cfg, out)
+            if out.exists() and not out.is_dir():
+                raise UserError(f"--out {out} is a file: give a new or empty folder")
+            self.lock = FolderLock(out)
             try:
-                out.mkdir(parents=True, exist_ok=True)
+                check_out_dir(cfg, out)
                 marker = json.dumps({"config": asdict(cfg)}, indent=1)
-                atomic_write(out / RUN_MARKER, marker.encode())
-            except OSError as e:
-                raise UserError(f"cannot write to --out {out} ({e.strerror}): give a folder you "
-                                f"can write to") from None
+                atomic_write(out / RUN_MARKER, marker.encode(), "give a folder you can write to")
+            except BaseException:
+                self.__exit__(UserError, None, None)
+                raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
-        if kind is not None and self.created and not (self.out / "checkpoints").exists():
+        if self.lock is None:
+            return
+        self.lock.release()
+        if kind is not None and self.created and not (self.out / "checkpoints" / "latest").exists():
             shutil.rmtree(self.out, ignore_errors=True)
 
 
 def check_out_dir(cfg, out: Path):
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: give a new or empty folder")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
     ours = RUN_MARKER in entries
     if entries and not ours:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
@@ -332,6 +341,25 @@ def check_out_dir(cfg, out: Path):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def write_train_log_svg(out: Path):
+    """--out/train_log.svg from train_log.jsonl: each loss term, the learning rate and the MFU
+    against the step, one panel each (svg.py); rewritten at every checkpoint."""
+    from svg import line_panel, page
+    path = out / "train_log.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    def column(key):
+        return [(row["step"], row.get(key)) for row in rows]
+    mfu = [(step, None if v is None else 100 * v) for step, v in column("mfu")]
+    panels = [line_panel(title, {key: column(key)}, "step") for title, key in (
+        ("loss (weighted sum)", "loss"), ("L_ce (soft targets)", "loss_ce"),
+        ("L_mlm (masked LM)", "loss_mlm"), ("L_cos (hidden states)", "loss_cos"))]
+    panels += [line_panel("learning rate", {"lr": column("lr")}, "step", from_zero=True),
+               line_panel("MFU, %", {"mfu": mfu}, "step", from_zero=True,
+                          empty="MFU unknown (no native bfloat16)")]
+    title = f"{out}: distillation, {len(rows)} log lines"
+    atomic_write(out / "train_log.svg", page(panels, columns=3, title=title).encode())
+
+
 def save_checkpoint(out: Path, student, opt, step, data_position, mask_gen, cfg, dist):
     """checkpoints/step-N/ (the student + train_state.pt) is written under a temporary name and
     renamed when complete, then checkpoints/latest points at it: a kill at any moment leaves the
@@ -347,17 +375,37 @@ def save_checkpoint(out: Path, student, opt, step, data_position, mask_gen, cfg,
         return
     ckpts = out / "checkpoints"
     final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    torch.save({"step": step, "data_position": data_position, "optimizer": opt.state_dict(),
-                "rng": rng, "config": asdict(cfg)}, tmp / "train_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write(ckpts / "latest", final.name.encode())
+    latest = ckpts / "latest"
+    advice = "nothing was saved: run again once there is space"
+    if latest.is_file():
+        advice = (f"the last complete checkpoint, {latest.read_text().strip()}, is kept: continue "
+                  f"with {resume_command()} once there is space")
+    try:  # a full disk: the half-written checkpoint goes, the last complete one stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp)
+        state = {"step": step, "data_position": data_position, "optimizer": opt.state_dict(),
+                 "rng": rng, "config": asdict(cfg)}
+        atomic_write(tmp / "train_state.pt", lambda f: torch.save(state, f), advice)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write(latest, final.name.encode(), advice)
+    except OSError as e:
+        raise write_error(final, e, advice) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in ckpts.glob("step-*"):
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
     student.save_pretrained(out)
+    write_train_log_svg(out)
+
+
+def check_checkpoint_space(out: Path, student):
+    """Before the first step: a checkpoint holds the student and AdamW's two moments (3 copies of
+    the weights), and the student at the top of --out is replaced beside itself (1 more)."""
+    weights = sum(p.numel() * p.element_size() for p in student.parameters())
+    check_free_space(out, 4 * weights, "a checkpoint",
+                     "free some space or choose another --out before training")
 
 
 def read_checkpoint(cfg, out: Path, world: int) -> dict:
@@ -537,8 +585,7 @@ class TrainLog:
             self.bar.write(f"step {step:5d}/{self.total} | loss {rec['loss']:.4f} | {terms} | "
                            f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {ms:.0f} ms/step | "
                            f"{rec['tokens_per_s']:.0f} tokens/s | {mfu_text} | ETA {eta}")
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_line(self.path, json.dumps(rec))
         self.logged_at = step
         self.reset()
 
@@ -647,6 +694,8 @@ def pretrain(cfg: PretrainConfig):
             step, data_position = restore_checkpoint(state, student, opt, mask_gen, dist.rank, out,
                                                      master)
             echo(f"resumed from {state['dir']} at step {step}")
+        if master:
+            check_checkpoint_space(out, student)
         run = Run(cfg, teacher, model, opt, corpus, mask_gen, dtypes, dist, total_steps)
         distil(run, step, data_position)
         echo(f"saved the student to {out}; fine-tune it with: "
