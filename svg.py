@@ -108,11 +108,11 @@ def line_panel(title: str, series: dict, x_label: str, y_label: str = "", empty:
     return draw
 
 
-def bar_panel(title: str, groups: list, series: dict, y_label: str = "", paper=()):
+def bar_panel(title: str, groups: list, series: dict, y_label: str = "", paper=(),
+              width: int = 700, legend_width: int = 260):
     """A panel of grouped bars: series is {name: [value per group, or None]}; names in `paper`
     are drawn in greys (the published rows), the others in colours (ours). Percent, from 0."""
     values = [v for vs in series.values() for v in vs if v is not None]
-    width = max(PANEL_W, 60 + 28 * len(groups) * max(1, len(series)) // 2)
 
     def draw(x0, y0):
         axes = Axes(x0, y0, [0, 1], nice_ticks(0, max(values + [100.0])))
@@ -136,7 +136,7 @@ def bar_panel(title: str, groups: list, series: dict, y_label: str = "", paper=(
         out += _legend(list(series), axes.left + axes.width + 10, axes.top,
                        [colors[n] for n in series])
         return out
-    draw.width = width + 230  # the legend sits right of the bars
+    draw.width = width + legend_width  # the legend sits right of the bars
     return draw
 
 

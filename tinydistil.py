@@ -823,11 +823,15 @@ def fill_mask(cfg: FillMaskConfig):
 class ReportConfig:
     results: str = "results.jsonl"  # what `eval` appended to
     teacher: Optional[str] = None   # the model retention is relative to (default: tasks/report.py)
+    svg: Optional[str] = None       # also draw both tables as bars beside the paper's, in this file
 
 
 def report(cfg: ReportConfig):
-    from tasks.report import render
+    from tasks.report import render, render_svg
     print(render(cfg.results, cfg.teacher))
+    if cfg.svg:
+        atomic_write(cfg.svg, render_svg(cfg.results, cfg.teacher).encode())
+        print(f"drew the tables in {cfg.svg}")
 
 
 # ----------------------------------------------------------------------------- command line

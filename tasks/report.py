@@ -194,3 +194,23 @@ def render(results_path, teacher=None):
         "fine-tuning, from a teacher fine-tuned on the task (`eval --teacher`); the paper's is "
         "SQuAD's." + retention,
     ] + _notes(results)) + "\n"
+
+
+def render_svg(results_path, teacher=None):
+    """Tables 1 and 2 as grouped bars (svg.py): the paper's rows in greys beside ours in colours,
+    one bar per row and column of the markdown tables (retention rows left out: they are ratios)."""
+    from svg import bar_panel, page
+    results = latest(results_path)
+    if teacher is None:
+        teacher = DEFAULT_TEACHER if DEFAULT_TEACHER in results else None
+    headings = ["Score"] + [glue.TASKS[t].dir for t in GLUE_COLUMNS]
+    panels = []
+    for title, groups, paper, row_fn in (
+            ("Table 1: GLUE dev, %", headings, PAPER_GLUE, _glue_row),
+            ("Table 2: IMDb test accuracy, SQuAD v1.1 dev EM and F1, %",
+             ["IMDb (acc.)", "SQuAD EM", "SQuAD F1"], PAPER_DOWNSTREAM, _downstream_row)):
+        rows = _paper_rows(paper) + _measured_rows(results, teacher, row_fn)
+        series = {name: [x for x, _ in cells] for name, cells in rows if "%" not in name}
+        panels.append(bar_panel(title, groups, series,
+                                paper=[f"{name} (paper)" for name in paper]))
+    return page(panels, columns=1, title=f"{results_path}: Tables 1 and 2 beside the paper's")
