@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from common import UserError, atomic_write, build_parser, looks_like_path, pick_device, sync
+from common import (UserError, atomic_write, build_parser, check_output_file, looks_like_path,
+                    os_error_line, pick_device, sync)
 from hub import NoCheckpointFolder, checkpoint_folder
 from model import BERT, Attention, BertConfig
 from tasks import glue
@@ -474,6 +475,9 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
     if dtype not in ("float32", "bfloat16") or min(cfg.batch_size, cfg.seq_len, cfg.steps) < 1:
         raise UserError("--pretrain-step takes --dtypes float32 or bfloat16 and positive "
                         "--batch-size, --seq-len and --steps")
+    positions = BertConfig.preset("bert-base-uncased").max_position_embeddings
+    if cfg.seq_len > positions:
+        raise UserError(f"--seq-len {cfg.seq_len}: BERT-base takes at most {positions} tokens")
     pcfg = tinydistil.resolve_recipe(tinydistil.PretrainConfig(dtype=dtype), 1, device)
     torch.manual_seed(0)
     teacher = BERT(BertConfig.preset("bert-base-uncased"))
@@ -538,6 +542,8 @@ def run(cfg: BenchConfig) -> list:
     sst2_dev = []
     if cfg.task:  # read before anything else, so a missing file stops the run at once
         sst2_dev = glue.load("sst2", "dev", cfg.data_dir or None)
+    if cfg.json:  # before the timing, not after it
+        check_output_file(cfg.json, "--json")
     pairs, pairs_what = load_pairs(cfg)
     print(f"pairs: {len(pairs)} from {pairs_what}")
     torch.set_num_threads(cfg.threads)
@@ -566,6 +572,9 @@ def main(argv=None):
         run(BenchConfig(**vars(parser.parse_args(argv))))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a failing disk where no caller expected one: still one line
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -60,6 +60,13 @@ def write_error(path, error: OSError, advice: str = "") -> UserError:
     return UserError(f"cannot write {path}: {cause}; {todo}" + (f"; {advice}" if advice else ""))
 
 
+def os_error_line(error: OSError) -> str:
+    """The line for an OSError that no caller turned into a UserError (the CLIs' last resort)."""
+    where = f"{error.filename}: " if error.filename else ""
+    todo = ADVICE.get(error.errno, "check the disk and that path")
+    return f"{where}{error.strerror or error}; {todo}"
+
+
 @contextlib.contextmanager
 def writing(path, advice: str = ""):
     """`with writing(path):` an OSError inside becomes write_error's one line."""
@@ -247,9 +254,23 @@ def check_folder(path, setting: str) -> Path:
         if p.exists() or p.is_symlink():
             if not p.is_dir():
                 where = "" if p == path else f" ({p} is a file)"
-                raise UserError(f"{setting}={path} is not a folder{where}: point {setting} at a "
+                raise UserError(f"{setting}: {path} is not a folder{where}: point {setting} at a "
                                 f"folder" + (", or unset it" if setting.startswith("$") else ""))
             break
+    return path
+
+
+def check_output_file(path, setting: str) -> Path:
+    """A file a command will write at the end (e.g. --json): checked before the work, so a long
+    run does not end in a write that could never succeed."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{setting} {path} is a folder: give a file name")
+    folder = check_folder(path.parent, setting)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{setting} {path}: you may not write in {existing}; give a file in a "
+                        f"folder you can write to")
     return path
 
 

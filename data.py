@@ -49,7 +49,7 @@ import torch
 from tokenizers import BertWordPieceTokenizer, Tokenizer
 from tqdm import tqdm
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, check_folder, folder_from_env
 from hub import fetch_url
 
 WIKITEXT_URL = "https://wikitext.smerity.com/"  # the original S3 bucket is gone; same archives
@@ -75,10 +75,8 @@ STATS = ("texts", "chunks", "dropped_short", "dropped_unk", "sequences", "tokens
 def data_dir(arg=None):
     """--data-dir, else $TINYDISTIL_DATA, else ~/.cache/tinydistil."""
     if arg:
-        return Path(arg).expanduser()
-    if os.environ.get("TINYDISTIL_DATA"):
-        return Path(os.environ["TINYDISTIL_DATA"]).expanduser()
-    return Path.home() / ".cache" / "tinydistil"
+        return check_folder(arg, "--data-dir")
+    return folder_from_env("TINYDISTIL_DATA") or Path.home() / ".cache" / "tinydistil"
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -27,7 +27,8 @@ import requests
 import torch
 from tqdm import tqdm
 
-from common import UserError, atomic_write, looks_like_path
+from common import (UserError, atomic_write, check_folder, folder_from_env, looks_like_path,
+                    write_error)
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -61,21 +62,11 @@ def _stream(url, tmp, *, headers=None, size=None, sha256=None, desc=None, where=
 
     A broken connection keeps the partial file so the next call resumes it; a file that fails
     verification is deleted, since resuming it could only reproduce the same bad bytes."""
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    have = tmp.stat().st_size if tmp.exists() else 0
-    if size is not None and have > size:
-        tmp.unlink()
-        have = 0
-    if size is None or have < size:
-        try:
-            if not _receive(url, tmp, have, headers, size, desc, where):  # 416: start over
-                tmp.unlink()
-                return _stream(url, tmp, headers=headers, size=size, sha256=sha256, desc=desc,
-                               where=where)
-        except requests.RequestException as e:
-            kept = f"; partial file kept at {tmp}, run again to resume" if tmp.exists() else ""
-            raise UserError(f"download of {url} failed ({type(e).__name__}: {e}){kept}{where}") \
-                from None
+    try:
+        _stream_into(url, tmp, headers, size, desc, where)
+    except OSError as e:  # a full disk: a partial file there would only fill it further
+        tmp.unlink(missing_ok=True)
+        raise write_error(tmp, e, "then run again") from None
     got = tmp.stat().st_size
     if size is not None and got != size:
         tmp.unlink()
@@ -85,6 +76,25 @@ def _stream(url, tmp, *, headers=None, size=None, sha256=None, desc=None, where=
         tmp.unlink()
         raise UserError(f"download of {url} is corrupt (sha256 {digest}, expected {sha256}): "
                         f"deleted it, run again{where}")
+
+
+def _stream_into(url, tmp, headers, size, desc, where):
+    """The download part of _stream: continue tmp (or start it over), keeping it when the
+    connection breaks."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    have = tmp.stat().st_size if tmp.exists() else 0
+    if size is not None and have > size:
+        tmp.unlink()
+        have = 0
+    if size is None or have < size:
+        try:
+            if not _receive(url, tmp, have, headers, size, desc, where):  # 416: start over
+                tmp.unlink()
+                return _stream_into(url, tmp, headers, size, desc, where)
+        except requests.RequestException as e:
+            kept = f"; partial file kept at {tmp}, run again to resume" if tmp.exists() else ""
+            raise UserError(f"download of {url} failed ({type(e).__name__}: {e}){kept}{where}") \
+                from None
 
 
 def _receive(url, tmp, have, headers, size, desc, where) -> bool:
@@ -132,15 +142,21 @@ def fetch_url(url, dest, *, headers=None, sha256=None, size=None, desc=None):
 
 
 def _hf_home():
-    xdg = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
-    home = os.environ.get("HF_HOME", os.path.join(xdg, "huggingface"))
-    return Path(os.path.expandvars(home)).expanduser()
+    """$HF_HOME, else $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface; checked: a variable
+    that names a file is an error that names the variable."""
+    if home := folder_from_env("HF_HOME"):
+        return home
+    xdg = folder_from_env("XDG_CACHE_HOME") or Path("~", ".cache").expanduser()
+    return xdg / "huggingface"
 
 
 def cache_dir():
     """The huggingface_hub cache root, resolved exactly as huggingface_hub does."""
-    hub_cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    return Path(os.path.expandvars(hub_cache)).expanduser() if hub_cache else _hf_home() / "hub"
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if folder := folder_from_env(var):
+            return folder
+    return check_folder(_hf_home() / "hub", "$HF_HOME" if os.environ.get("HF_HOME") else
+                        "the Hub cache")
 
 
 def _token():
@@ -225,6 +241,9 @@ def snapshot_download(repo_id, *, revision="main", required=("config.json", "mod
                         "unset it to download")
     try:
         return _download_snapshot(folder, repo_id, revision, required, optional)
+    except OSError as e:  # the cache's disk is full or read-only
+        raise write_error(e.filename or folder, e, "or set HF_HUB_CACHE to another folder") \
+            from None
     except _Unreachable as e:
         if snap := _cached(folder, revision, required):
             return snap

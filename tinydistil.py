@@ -35,8 +35,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import (LOCK_FILE, FolderLock, UserError, add_dataclass_args, append_line, atomic_write,
-                    check_free_space, has_bfloat16_matmul, lr_factor, pick_device, sync,
-                    warmup_steps, write_error)
+                    check_free_space, check_output_file, has_bfloat16_matmul, lr_factor,
+                    os_error_line, pick_device, sync, warmup_steps, write_error)
 
 
 # ----------------------------------------------------------------------------- config and recipes
@@ -805,6 +805,9 @@ def fill_mask(cfg: FillMaskConfig):
         raise UserError(f"{cfg.model} has no MLM head (a bare encoder): fill-mask needs one")
     tok = load_tokenizer(model.source_dir)
     ids = torch.tensor([tok.encode(cfg.text).ids])  # (1, T)
+    if ids.shape[1] > model.config.max_position_embeddings:
+        raise UserError(f"the text is {ids.shape[1]} tokens, {cfg.model} takes at most "
+                        f"{model.config.max_position_embeddings}: shorten it")
     where = (ids[0] == special_ids(tok)["mask"]).nonzero().flatten().tolist()
     if not where:
         raise UserError(f"no [MASK] token in {cfg.text!r}")
@@ -828,6 +831,8 @@ class ReportConfig:
 
 def report(cfg: ReportConfig):
     from tasks.report import render, render_svg
+    if cfg.svg:
+        check_output_file(cfg.svg, "--svg")
     print(render(cfg.results, cfg.teacher))
     if cfg.svg:
         atomic_write(cfg.svg, render_svg(cfg.results, cfg.teacher).encode())
@@ -858,6 +863,9 @@ def main(argv=None):
     except Preempted as e:
         print(str(e), file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except OSError as e:  # a failing disk where no caller expected one: still one line
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

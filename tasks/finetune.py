@@ -24,6 +24,7 @@ is saved there. `eval glue` first makes sure all nine datasets (and teachers) ar
 downloading missing datasets, so a missing one stops the run before any training; each task is
 then saved to DIR/<task>.
 """
+import contextlib
 import copy
 import json
 import math
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from common import (UserError, has_bfloat16_matmul, looks_like_path, lr_factor, pick_device,
-                    warmup_steps)
+from common import (FolderLock, UserError, append_line, check_output_file, has_bfloat16_matmul,
+                    looks_like_path, lr_factor, pick_device, warmup_steps)
 from losses import total_loss
 from model import BERT, configure_optimizers
 from tasks import distill, glue, imdb, squad
@@ -119,6 +120,7 @@ def check_config(cfg: EvalConfig):
         raise UserError(f"--dtype takes float32 or bfloat16, --teacher-dtype auto, float32 or "
                         f"bfloat16 (got {cfg.dtype!r}, {cfg.teacher_dtype!r})")
     pick_device(cfg.device)
+    check_output_file(cfg.results, "--results")
     if cfg.model == DEFAULT_STUDENT and not Path(cfg.model).is_dir():
         raise UserError(f"no student at {cfg.model}: run `python tinydistil.py pretrain` first, "
                         f"or pass --model (a checkpoint folder or Hub id)")
@@ -314,10 +316,8 @@ def _results_line(cfg, runs, teacher_info, start):
         print(f"{cfg.task} median of {cfg.seeds} seeds: {_format(median)}")
     line = {"task": cfg.task, "model": cfg.model, "teacher": teacher_info, "metrics": median,
             "runs": runs, "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
-    Path(cfg.results).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.results, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
     print(json.dumps(line))
+    append_line(cfg.results, json.dumps(line), "the line above is not in it: append it yourself")
     return line
 
 
@@ -350,6 +350,11 @@ def run(cfg: EvalConfig) -> dict:
     """Fine-tune cfg.model on cfg.task (with --seeds, once per seed), score it, append the results
     line and return it. task "glue" runs the nine GLUE tasks and returns {task: line}."""
     check_config(cfg)
+    with FolderLock(cfg.out) if cfg.out else contextlib.nullcontext():  # one eval per --out
+        return _run_tasks(cfg)
+
+
+def _run_tasks(cfg: EvalConfig):
     if cfg.task != "glue":
         return _run_task(cfg)
     per_task = {t: replace(cfg, task=t, out=cfg.out and str(Path(cfg.out) / t),
