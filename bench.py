@@ -417,6 +417,8 @@ def check_config(cfg: BenchConfig):
         raise UserError(f"--tokenizer {cfg.tokenizer}: no such folder")
     if cfg.json and not Path(cfg.json).resolve().parent.is_dir():
         raise UserError(f"--json {cfg.json}: its folder does not exist")
+    if cfg.json:  # a folder, or a read-only disk: before the timing, not after it
+        check_output_file(cfg.json, "--json")
     return names, devices, modes
 
 
@@ -542,8 +544,6 @@ def run(cfg: BenchConfig) -> list:
     sst2_dev = []
     if cfg.task:  # read before anything else, so a missing file stops the run at once
         sst2_dev = glue.load("sst2", "dev", cfg.data_dir or None)
-    if cfg.json:  # before the timing, not after it
-        check_output_file(cfg.json, "--json")
     pairs, pairs_what = load_pairs(cfg)
     print(f"pairs: {len(pairs)} from {pairs_what}")
     torch.set_num_threads(cfg.threads)

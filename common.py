@@ -109,7 +109,8 @@ def atomic_write(path, content, advice: str = ""):
             content(recorder) if callable(content) else f.write(content)
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk: there is no temp file to remove
+            tmp.unlink(missing_ok=True)
         error = e if isinstance(e, OSError) else recorder and recorder.error
         if error:
             raise write_error(path, error, advice) from None

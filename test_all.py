@@ -66,6 +66,7 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import fields, replace
 from pathlib import Path
@@ -78,7 +79,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bench
+import common
 import data
+import hub
+import svg
 import tinydistil
 from common import (UserError, atomic_write, build_parser, field_comments, looks_like_path,
                     lr_factor, pick_device, warmup_steps)
@@ -3351,3 +3355,258 @@ class TestBench:
         with pytest.raises(SystemExit):
             bench.main(["--pretrain-step", "--dtypes", "int8"])
         assert "--pretrain-step takes --dtypes float32 or bfloat16" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- failing machines
+# A real full or read-only disk is a small tmpfs mounted for one test (root only: the tests skip
+# elsewhere); a second run is a real second process.
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, ro=False) -> a fresh tmpfs of `size` bytes below tmp_path, unmounted after."""
+    mounted = []
+
+    def mount(size, ro=False):
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        options = f"size={size}" + (",ro" if ro else "")
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+                                                str(where)], capture_output=True).returncode:
+            pytest.skip("mounting a small tmpfs needs root")
+        mounted.append(where)
+        return where
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(disk: Path, leave: int = 0):
+    """Fill disk with one file until only about `leave` bytes are free."""
+    free = shutil.disk_usage(disk).free - leave
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - 4096))
+
+
+HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[2]); from common import FolderLock; "
+             "lock = FolderLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)")
+
+
+@pytest.fixture
+def held_lock():
+    """hold(folder) -> a second process holding FolderLock(folder) until the test ends."""
+    procs = []
+
+    def hold(folder):
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), str(ROOT)],
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def tiny_run_state():
+    """A 2-layer student of the tiny teacher, its optimizer and what save_checkpoint needs."""
+    student, _ = init_student(BERT.from_pretrained(TEACHER), 2)
+    opt = configure_optimizers(student, 1e-3, 0.0)
+    dist = tinydistil.Distributed(0, 1, CPU)
+    return student, opt, torch.Generator().manual_seed(0), dist
+
+
+class TestFailures:
+    """Every write the project makes, a second process, and inputs past the model's limits: one
+    line, nothing half-written, the last complete checkpoint kept."""
+
+    def test_atomic_write_on_a_full_disk_leaves_nothing(self, small_disk):
+        disk = small_disk(64 * 1024)
+        with pytest.raises(UserError, match=r"cannot write .*big: No space left on device; free"):
+            atomic_write(disk / "big", b"x" * 200_000)
+        # torch.save hides the cause in a RuntimeError ("unexpected pos"); the line still says it
+        with pytest.raises(UserError, match="No space left on device"):
+            atomic_write(disk / "t.pt", lambda f: torch.save(torch.zeros(100_000), f))
+        assert os.listdir(disk) == []
+
+    def test_a_read_only_disk_is_one_line(self, small_disk, tmp_path, corpus):
+        disk = small_disk(64 * 1024, ro=True)
+        with pytest.raises(UserError, match="Read-only file system; the file system is read-only"):
+            atomic_write(disk / "x", b"x")
+        with pytest.raises(UserError, match=f"cannot write to --out {disk}/out .Read-only"):
+            pretrain(pretrain_config(tmp_path, corpus, out=str(disk / "out")))
+        with pytest.raises(UserError, match="--results .*you may not write"):
+            common.check_output_file(disk / "results.jsonl", "--results")
+
+    def test_append_line_on_a_full_disk_keeps_whole_lines(self, small_disk):
+        disk = small_disk(64 * 1024)
+        path = disk / "results.jsonl"
+        common.append_line(path, '{"a": 1}')
+        fill(disk, leave=1000)
+        with pytest.raises(UserError, match="No space left on device"):
+            common.append_line(path, json.dumps({"b": "x" * 50_000}))
+        assert path.read_text() == '{"a": 1}\n'
+        path.write_text('{"a": 1}\n{"cut')  # a writer killed mid-line: the next line stays whole
+        common.append_line(path, '{"c": 3}')
+        assert path.read_text().splitlines()[-1] == '{"c": 3}'
+
+    def test_concurrent_appends_never_interleave(self, tmp_path):
+        path, n, procs = tmp_path / "results.jsonl", 40, []
+        code = ("import sys; sys.path.insert(0, sys.argv[3]); from common import append_line\n"
+                "for i in range(int(sys.argv[2])):\n"
+                "    append_line(sys.argv[1], '{\"w\": %s, \"pad\": \"%s\"}' % (sys.argv[4], "
+                "'x' * 300_000))")
+        for writer in range(3):  # lines of 300 KB: far more than one pipe or page buffer
+            procs.append(subprocess.Popen([sys.executable, "-c", code, str(path), str(n),
+                                           str(ROOT), str(writer)]))
+        assert all(p.wait(timeout=60) == 0 for p in procs)
+        lines = path.read_text().splitlines()
+        assert sorted(json.loads(line)["w"] for line in lines) == sorted(list(range(3)) * n)
+
+    def test_a_checkpoint_on_a_full_disk_keeps_the_last_complete_one(self, small_disk, tmp_path,
+                                                                      corpus):
+        disk = small_disk(8 * 2**20)
+        out = disk / "out"
+        cfg = tinydistil.resolve_recipe(pretrain_config(tmp_path, corpus, out=str(out)), 1, CPU)
+        student, opt, gen, dist = tiny_run_state()
+        tinydistil.save_checkpoint(out, student, opt, 3, (0, 3), gen, cfg, dist)
+        fill(disk, leave=20_000)
+        with pytest.raises(UserError, match=r"step-6.* No space left on device; free some space.*"
+                                            r"the last complete checkpoint, step-3, is kept"):
+            tinydistil.save_checkpoint(out, student, opt, 6, (0, 6), gen, cfg, dist)
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-3"]
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+        assert tinydistil.read_checkpoint(cfg, out, 1)["step"] == 3
+
+    def test_a_new_out_whose_first_checkpoint_fails_is_removed(self, small_disk, tmp_path, corpus,
+                                                               monkeypatch):
+        disk = small_disk(200 * 1024)  # room for the run marker, not for a checkpoint
+        with pytest.raises(UserError, match="a checkpoint needs about .* MiB: free some space"):
+            pretrain(pretrain_config(tmp_path, corpus, out=str(disk / "out"), max_steps=2))
+        assert os.listdir(disk) == []  # checked before the first step: the new folder is gone
+        monkeypatch.setattr(tinydistil, "check_checkpoint_space", lambda out, student: None)
+        with pytest.raises(UserError, match="No space left on device.*nothing was saved"):
+            pretrain(pretrain_config(tmp_path, corpus, out=str(disk / "out"), max_steps=2))
+        assert os.listdir(disk) == []  # the real full disk, at the first checkpoint
+
+    def test_a_second_run_on_one_out_is_refused(self, tmp_path, corpus, held_lock):
+        out = tmp_path / "out"
+        holder = held_lock(out)
+        for extra in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(UserError, match=rf"--out {out} is in use by a running tinydistil "
+                                                rf"run \(pid {holder.pid} on host "):
+                pretrain(pretrain_config(tmp_path, corpus, **extra))
+        assert os.listdir(out) == [common.LOCK_FILE]  # the running run's folder, untouched
+
+    def test_a_stale_lock_is_taken_over(self, tmp_path, corpus, held_lock, capsys):
+        out = tmp_path / "out"
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=0))
+        holder = held_lock(out)
+        holder.kill()  # SIGKILL: no chance to clean up; the kernel drops its flock
+        holder.wait()
+        (out / "model.safetensors.123.abcd.tmp").write_bytes(b"half")  # what a kill leaves
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=0, overwrite=True))
+        assert f"taking over the lock of pid {holder.pid} on host" in capsys.readouterr().err
+        assert not (out / common.LOCK_FILE).exists() and (out / "model.safetensors").is_file()
+        (out / common.LOCK_FILE).write_text("not json")  # a lock file cut short: still stale
+        with common.FolderLock(out) as lock:
+            assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        assert "a process that left no details" in capsys.readouterr().err
+        assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+    def test_eval_out_is_locked(self, task_data, tmp_path, held_lock, monkeypatch):
+        holder = held_lock(tmp_path / "model")
+        monkeypatch.setattr(finetune, "_run_task", _must_not_run)
+        with pytest.raises(UserError, match=f"in use by a running tinydistil run .pid {holder.pid}"):
+            run(tiny_cfg(task_data, tmp_path, out=str(tmp_path / "model")))
+
+    def test_inputs_longer_than_the_model(self, capsys):
+        text = " ".join(["the"] * 700) + " [MASK] ."
+        with pytest.raises(UserError, match=f"the text is 704 tokens, {TINY_BERT} takes at most 64"):
+            tinydistil.fill_mask(tinydistil.FillMaskConfig(text=text, model=TINY_BERT))
+        with pytest.raises(SystemExit):
+            bench.main(["--pretrain-step", "--seq-len", "600"])
+        assert "--seq-len 600: BERT-base takes at most 512 tokens" in capsys.readouterr().err
+
+    @pytest.mark.parametrize("var", ["TINYDISTIL_DATA", "HF_HUB_CACHE", "HF_HOME"])
+    def test_environment_folders_are_checked_and_named(self, var, tmp_path, monkeypatch):
+        (tmp_path / "file").write_text("not a folder")
+        monkeypatch.setenv(var, str(tmp_path / "file"))
+        monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+        if var != "HF_HUB_CACHE":
+            monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+        where = data_dir if var == "TINYDISTIL_DATA" else hub.cache_dir
+        with pytest.raises(UserError, match=rf"\${var}: {tmp_path}/file.* is not a folder.*unset"):
+            where()
+        with pytest.raises(UserError, match=r"--data-dir: .*/file/sub is not a folder \(.* is a file"):
+            data_dir(str(tmp_path / "file" / "sub"))
+
+    def test_outputs_are_checked_before_the_work(self, tmp_path, capsys):
+        with pytest.raises(SystemExit):
+            bench.main(["--models", TINY_BERT, "--json", str(tmp_path)])
+        assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+        with pytest.raises(UserError, match="--svg .* is a folder"):
+            tinydistil.report(tinydistil.ReportConfig(results="none.jsonl", svg=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def svg_marks(path, tag) -> dict:
+    """{series: [(x, y, element)]} of the marks of one kind (circle, rect) in an SVG file."""
+    ns = "{http://www.w3.org/2000/svg}"
+    marks = {}
+    for el in ET.parse(path).getroot().iter(ns + tag):
+        if "data-series" in el.attrib:
+            marks.setdefault(el.get("data-series"), []).append(
+                (el.get("data-x"), float(el.get("data-y")), el))
+    return marks
+
+
+class TestSvg:
+    """svg.py's pictures, parsed back and checked against what they were drawn from."""
+
+    def test_train_log_svg_draws_the_log(self, tmp_path, corpus):
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=4, log_every=1, save_every=2))
+        rows, path = train_log(tmp_path / "out"), tmp_path / "out" / "train_log.svg"
+        marks = svg_marks(path, "circle")
+        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos", "lr", "mfu"):
+            scale = 100 if key == "mfu" else 1  # MFU is drawn in percent
+            drawn = [(int(x), y) for x, y, _ in marks[key]]
+            assert drawn == [(r["step"], pytest.approx(scale * r[key])) for r in rows], key
+            # the pixels are one straight map of the values: y up, x to the right
+            cy = [float(el.get("cy")) for _, _, el in marks[key]]
+            cx = [float(el.get("cx")) for _, _, el in marks[key]]
+            ys = [y for _, y, _ in marks[key]]
+            assert cx == sorted(cx) and len(set(cx)) == len(cx)
+            lo, hi = ys.index(min(ys)), ys.index(max(ys))
+            if ys[hi] > ys[lo]:
+                slope = (cy[hi] - cy[lo]) / (ys[hi] - ys[lo])
+                assert slope < 0
+                assert all(c == pytest.approx(cy[lo] + slope * (y - ys[lo]), abs=0.02)
+                           for c, y in zip(cy, ys))
+
+    def test_an_unknown_mfu_says_so(self):
+        text = svg.page([svg.line_panel("MFU", {"mfu": [(1, None)]}, "step", empty="MFU unknown")],
+                        columns=1)
+        assert "MFU unknown" in text and "<circle" not in ET.tostring(ET.fromstring(text)).decode()
+
+    def test_report_svg_draws_tables_1_and_2(self, tmp_path):
+        rows = [{"model": "bert-base-uncased", "task": t, "metrics": m}
+                for t, m in _glue_results().items()]
+        rows += [{"model": "out/student", "task": "sst2", "metrics": {"accuracy": 0.81}},
+                 {"model": "out/student", "task": "squad",
+                  "metrics": {"exact_match": 0.6, "f1": 0.66}}]
+        _write_results(tmp_path / "r.jsonl", rows)
+        tinydistil.report(tinydistil.ReportConfig(results=str(tmp_path / "r.jsonl"),
+                                                  svg=str(tmp_path / "t.svg")))
+        bars = svg_marks(tmp_path / "t.svg", "rect")
+        values = {(name, x): y for name, marks in bars.items() for x, y, _ in marks}
+        assert values[("DistilBERT (paper)", "CoLA")] == 51.3
+        assert values[("out/student (ours)", "SST-2")] == pytest.approx(81.0)
+        assert values[("out/student (ours)", "SQuAD F1")] == pytest.approx(66.0)
+        assert values[("bert-base-uncased (ours)", "Score")] == \
+            pytest.approx(glue_score(_glue_results()) * 100)
+        assert ("out/student (ours)", "CoLA") not in values  # no result, no bar
+        assert not any("%" in name for name in bars)  # retention rows are ratios, not drawn
+        heights = [float(el.get("height")) / y for marks in bars.values() for _, y, el in marks]
+        assert max(heights) == pytest.approx(min(heights), rel=1e-3)  # one scale, from 0

@@ -295,6 +295,7 @@ class claim_out_dir:
             self.lock = FolderLock(out)
             try:
                 check_out_dir(cfg, out)
+                sweep_leftovers(out)
                 marker = json.dumps({"config": asdict(cfg)}, indent=1)
                 atomic_write(out / RUN_MARKER, marker.encode(), "give a folder you can write to")
             except BaseException:
@@ -307,9 +308,16 @@ class claim_out_dir:
     def __exit__(self, kind, error, traceback):
         if self.lock is None:
             return
-        self.lock.release()
         if kind is not None and self.created and not (self.out / "checkpoints" / "latest").exists():
-            shutil.rmtree(self.out, ignore_errors=True)
+            shutil.rmtree(self.out, ignore_errors=True)  # under the lock: no one else is in it
+        self.lock.release()
+
+
+def sweep_leftovers(out: Path):
+    """What a killed run left half-written (atomic_write's *.tmp files, a checkpoint's
+    step-N.tmp): removed once this run holds the lock, so no other process can be writing it."""
+    for path in [*out.glob("*.tmp"), *(out / "checkpoints").glob("*.tmp")]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def check_out_dir(cfg, out: Path):
@@ -385,12 +393,14 @@ def save_checkpoint(out: Path, student, opt, step, data_position, mask_gen, cfg,
         student.save_pretrained(tmp)
         state = {"step": step, "data_position": data_position, "optimizer": opt.state_dict(),
                  "rng": rng, "config": asdict(cfg)}
-        atomic_write(tmp / "train_state.pt", lambda f: torch.save(state, f), advice)
+        atomic_write(tmp / "train_state.pt", lambda f: torch.save(state, f))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        atomic_write(latest, final.name.encode(), advice)
+        atomic_write(latest, final.name.encode())
     except OSError as e:
         raise write_error(final, e, advice) from None
+    except UserError as e:  # atomic_write's line, and what --resume can still use
+        raise UserError(f"{e}; {advice}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in ckpts.glob("step-*"):
