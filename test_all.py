@@ -55,6 +55,7 @@ import http.server
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -3387,8 +3388,13 @@ def fill(disk: Path, leave: int = 0):
         f.write(b"\0" * max(0, free - 4096))
 
 
-HOLD_LOCK = ("import sys, time; sys.path.insert(0, sys.argv[2]); from common import FolderLock; "
-             "lock = FolderLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)")
+FORK = multiprocessing.get_context("fork")  # real processes that need not import torch again
+
+
+def _hold_lock(folder, locked):
+    lock = common.FolderLock(folder)  # noqa: F841 (held until the process is killed)
+    locked.set()
+    time.sleep(60)
 
 
 @pytest.fixture
@@ -3397,15 +3403,21 @@ def held_lock():
     procs = []
 
     def hold(folder):
-        proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), str(ROOT)],
-                                stdout=subprocess.PIPE, text=True)
+        locked = FORK.Event()
+        proc = FORK.Process(target=_hold_lock, args=(folder, locked), daemon=True)
+        proc.start()
         procs.append(proc)
-        assert proc.stdout.readline().strip() == "locked"
+        assert locked.wait(30)
         return proc
     yield hold
     for proc in procs:
         proc.kill()
-        proc.wait()
+        proc.join()
+
+
+def _append_lines(path, writer, n):
+    for _ in range(n):
+        common.append_line(path, json.dumps({"w": writer, "pad": "x" * 300_000}))
 
 
 def tiny_run_state():
@@ -3451,15 +3463,13 @@ class TestFailures:
         assert path.read_text().splitlines()[-1] == '{"c": 3}'
 
     def test_concurrent_appends_never_interleave(self, tmp_path):
-        path, n, procs = tmp_path / "results.jsonl", 40, []
-        code = ("import sys; sys.path.insert(0, sys.argv[3]); from common import append_line\n"
-                "for i in range(int(sys.argv[2])):\n"
-                "    append_line(sys.argv[1], '{\"w\": %s, \"pad\": \"%s\"}' % (sys.argv[4], "
-                "'x' * 300_000))")
-        for writer in range(3):  # lines of 300 KB: far more than one pipe or page buffer
-            procs.append(subprocess.Popen([sys.executable, "-c", code, str(path), str(n),
-                                           str(ROOT), str(writer)]))
-        assert all(p.wait(timeout=60) == 0 for p in procs)
+        path, n = tmp_path / "results.jsonl", 40
+        procs = [FORK.Process(target=_append_lines, args=(path, writer, n)) for writer in range(3)]
+        for proc in procs:  # lines of 300 KB: far more than one page or pipe buffer
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert [proc.exitcode for proc in procs] == [0, 0, 0]
         lines = path.read_text().splitlines()
         assert sorted(json.loads(line)["w"] for line in lines) == sorted(list(range(3)) * n)
 
@@ -3503,7 +3513,7 @@ class TestFailures:
         pretrain(pretrain_config(tmp_path, corpus, max_steps=0))
         holder = held_lock(out)
         holder.kill()  # SIGKILL: no chance to clean up; the kernel drops its flock
-        holder.wait()
+        holder.join()
         (out / "model.safetensors.123.abcd.tmp").write_bytes(b"half")  # what a kill leaves
         pretrain(pretrain_config(tmp_path, corpus, max_steps=0, overwrite=True))
         assert f"taking over the lock of pid {holder.pid} on host" in capsys.readouterr().err
