@@ -654,7 +654,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def pretrain(cfg: PretrainConfig):
     """Distil a student from cfg.teacher (paper sections 2 and 3) into cfg.out; return it."""
-    from data import WIKITEXT, corpus_files
+    from data import WIKITEXT, corpus_files, data_dir
     from model import configure_optimizers
     dist = start_processes(cfg.device)
     cfg = resolve_recipe(cfg, dist.world, dist.device)
@@ -663,6 +663,7 @@ def pretrain(cfg: PretrainConfig):
     echo = print if master else quiet
     with claim_out_dir(cfg, out, master):
         state = read_checkpoint(cfg, out, dist.world) if cfg.resume else None
+        data_dir(cfg.data_dir)  # a --data-dir or $TINYDISTIL_DATA that is a file: before the teacher
         if cfg.data not in WIKITEXT:  # a missing corpus path fails before the teacher loads
             corpus_files(cfg.data, None)
         echo(describe_recipe(cfg, dist.world))

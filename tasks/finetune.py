@@ -121,6 +121,7 @@ def check_config(cfg: EvalConfig):
                         f"bfloat16 (got {cfg.dtype!r}, {cfg.teacher_dtype!r})")
     pick_device(cfg.device)
     check_output_file(cfg.results, "--results")
+    data.data_dir(cfg.data_dir)  # a --data-dir or $TINYDISTIL_DATA that is a file
     if cfg.model == DEFAULT_STUDENT and not Path(cfg.model).is_dir():
         raise UserError(f"no student at {cfg.model}: run `python tinydistil.py pretrain` first, "
                         f"or pass --model (a checkpoint folder or Hub id)")

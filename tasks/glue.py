@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 
 import data
-from common import UserError
+from common import ADVICE, UserError, atomic_write, write_error
 from hub import fetch_url
 from tasks import metrics
 
@@ -151,6 +151,8 @@ def _extract(archive, root, folder):
             with zipfile.ZipFile(archive) as z:
                 z.extractall(tmp)
         except (zipfile.BadZipFile, EOFError, OSError) as e:
+            if isinstance(e, OSError) and e.errno in ADVICE:  # a full disk, not a bad archive
+                raise write_error(root / folder, e, f"{archive} is kept") from None
             archive.unlink()
             raise UserError(f"{archive} is not a readable zip ({e}): deleted it, run again") from e
         for f in sorted((Path(tmp) / folder).rglob("*")):
@@ -181,9 +183,7 @@ def _build_mrpc(folder):
             split = "dev" if tuple(fields[1:3]) in dev_ids else "train"
             out[split].append("\t".join(fields) + "\n")
     for split, lines in out.items():
-        tmp = folder / f"{split}.tsv.tmp"
-        tmp.write_text("".join(lines), encoding="utf-8")
-        os.replace(tmp, folder / f"{split}.tsv")
+        atomic_write(folder / f"{split}.tsv", "".join(lines).encode("utf-8"))
 
 
 def _read(t, path):
