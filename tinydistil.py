@@ -272,8 +272,8 @@ def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, 
 # ----------------------------------------------------------------------------- the output folder
 
 RUN_MARKER = "tinydistil-run.json"  # marks --out as ours: --overwrite replaces only our own files
-RUN_FILES = (RUN_MARKER, "checkpoints", "train_log.jsonl", "model.safetensors", "config.json",
-             "tokenizer.json", "vocab.txt", "tokenizer_config.json")
+RUN_FILES = (RUN_MARKER, "checkpoints", "train_log.jsonl", "train_log.svg", "model.safetensors",
+             "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json")
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device", "data_dir"}
 
 
@@ -331,7 +331,8 @@ def check_out_dir(cfg, out: Path):
                         f"new or empty folder")
     latest = out / "checkpoints" / "latest"
     if cfg.resume and not latest.is_file():
-        raise UserError(f"--resume: {out} has no complete checkpoint to continue from")
+        again = ": start it again with --overwrite" if ours else ""
+        raise UserError(f"--resume: {out} has no complete checkpoint to continue from{again}")
     if ours and not (cfg.resume or cfg.overwrite):
         held = f"checkpoint {latest.read_text().strip()}" if latest.is_file() else "a student"
         raise UserError(f"{out} already holds a tinydistil run ({held}): pass --resume to continue "
