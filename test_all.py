@@ -26,6 +26,9 @@ One class per source module, in the order of the README's layout:
     TestReport    tasks/report.py: Tables 1 and 2. Paper section 4.1.
     TestBench     bench.py: the table and JSON, precision modes against float32, the speed-up
                   column, the distillation-step timing; speed itself is never asserted. Table 3.
+    TestFailures  a full or read-only disk (a small tmpfs, root only), a second run and concurrent
+                  appends (real processes), stale locks, inputs past the model, environment folders
+    TestSvg       svg.py: train_log.svg and report --svg, parsed back against what they drew
 
 Nothing is downloaded and nothing outside the repository is read (no shared data sets): models,
 tokenizers and datasets are the small real-format files under fixtures/ (fixtures/tasks/README.md
