@@ -3540,6 +3540,35 @@ class TestFailures:
         with pytest.raises(SystemExit):
             bench.main(["--pretrain-step", "--seq-len", "600"])
         assert "--seq-len 600: BERT-base takes at most 512 tokens" in capsys.readouterr().err
+        model = BERT.from_pretrained(TINY_BERT)  # bench's pairs are cut to the model's positions
+        pair = [("the " * 300, "the " * 300)]
+        assert bench.encode(data.load_tokenizer(TINY_BERT), pair, model)[0]["input_ids"].shape \
+            == (1, 64)
+
+    def test_a_download_on_a_full_disk_leaves_no_partial_file(self, fake_hub, small_disk,
+                                                               monkeypatch):
+        disk = small_disk(64 * 1024)  # the 200 KB model.safetensors does not fit
+        monkeypatch.setenv("HF_HUB_CACHE", str(disk / "hub"))
+        with pytest.raises(UserError, match=r"\.incomplete: No space left on device; free .*again"):
+            snapshot_download(REPO)
+        left = [p for p in disk.rglob("*") if p.is_file()]  # whole blobs only, no snapshot
+        assert all(p.parent.name == "blobs" and p.read_bytes() in HUB_FILES.values() for p in left)
+
+    def test_a_corpus_cache_on_a_full_disk_leaves_no_folder(self, small_disk, data_tok, tmp_path):
+        disk = small_disk(8 * 1024)
+        with pytest.raises(UserError, match="cannot write the prepared corpus .*No space left"):
+            load_corpus(corpus_file(tmp_path), data_tok, disk)
+        assert not [p for p in disk.rglob("*") if p.is_file()]
+
+    def test_a_log_line_cut_by_a_kill_is_skipped(self, tmp_path):
+        rows = [{"step": s, "loss": 1.0, "loss_ce": 1.0, "loss_mlm": 1.0, "loss_cos": 0.5,
+                 "lr": 1e-4, "mfu": None} for s in (1, 2)]
+        log = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo'
+        (tmp_path / "train_log.jsonl").write_text(log)
+        assert tinydistil.read_train_log(tmp_path / "train_log.jsonl") == rows
+        tinydistil.write_train_log_svg(tmp_path)
+        assert [int(x) for x, _, _ in svg_marks(tmp_path / "train_log.svg", "circle")["loss"]] \
+            == [1, 2]
 
     @pytest.mark.parametrize("var", ["TINYDISTIL_DATA", "HF_HUB_CACHE", "HF_HOME"])
     def test_environment_folders_are_checked_and_named(self, var, tmp_path, monkeypatch):

@@ -350,12 +350,21 @@ def check_out_dir(cfg, out: Path):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def read_train_log(path: Path) -> list:
+    """train_log.jsonl as dicts; a line cut short (a run killed mid-write) is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
+
+
 def write_train_log_svg(out: Path):
     """--out/train_log.svg from train_log.jsonl: each loss term, the learning rate and the MFU
     against the step, one panel each (svg.py); rewritten at every checkpoint."""
     from svg import line_panel, page
-    path = out / "train_log.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = read_train_log(out / "train_log.jsonl")
+
     def column(key):
         return [(row["step"], row.get(key)) for row in rows]
     mfu = [(step, None if v is None else 100 * v) for step, v in column("mfu")]
@@ -451,9 +460,8 @@ def restore_checkpoint(state, student, opt, mask_gen, rank, out: Path, master: b
     mask_gen.set_state(state["rng"]["mask"][rank])
     log_path = out / "train_log.jsonl"
     if master and log_path.is_file():
-        lines = log_path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= state["step"]]
-        atomic_write(log_path, "".join(line + "\n" for line in kept).encode())
+        kept = [row for row in read_train_log(log_path) if row["step"] <= state["step"]]
+        atomic_write(log_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
     return state["step"], state["data_position"]
 
 
