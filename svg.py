@@ -14,7 +14,7 @@ import math
 from xml.sax.saxutils import escape, quoteattr
 
 PANEL_W, PANEL_H = 330, 220            # one panel, pixels
-MARGIN = dict(left=58, right=12, top=26, bottom=34)  # the plot area inside a panel
+MARGIN = dict(left=58, right=22, top=26, bottom=34)  # the plot area inside a panel
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 PAPER_COLORS = ("#555555", "#999999", "#c7c7c7", "#777777")  # the paper's rows: greys
 FONT = 'font-family="sans-serif"'
@@ -33,7 +33,10 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list:
 
 
 def _number(x: float) -> str:
-    return f"{x:.3g}" if x != 0 else "0"
+    """A tick label: whole numbers as they are (step 3000, not 3e+03), others to 3 digits."""
+    if x == int(x) and abs(x) < 1e7:
+        return str(int(x))
+    return f"{x:.3g}"
 
 
 def _text(x, y, text, anchor="middle", extra="", size=11):
@@ -58,14 +61,15 @@ class Axes:
         lo, hi = self.y_ticks[0], self.y_ticks[-1]
         return self.top + self.height - (y - lo) / ((hi - lo) or 1) * self.height
 
-    def frame(self, title, x_label, y_label, x_numbers=True):
+    def frame(self, title, x_label, y_label, x_numbers=True, y_numbers=True):
         """The box, the grid lines with their numbers, the title and the axis labels."""
         out = [f'<rect x="{self.left}" y="{self.top}" width="{self.width}" '
                f'height="{self.height}" fill="white" stroke="#444"/>']
         for y in self.y_ticks:
             out.append(f'<line x1="{self.left}" x2="{self.left + self.width}" y1="{self.py(y):.1f}"'
                        f' y2="{self.py(y):.1f}" stroke="#ddd"/>')
-            out.append(_text(self.left - 4, self.py(y) + 4, _number(y), "end"))
+            if y_numbers:
+                out.append(_text(self.left - 4, self.py(y) + 4, _number(y), "end"))
         for x in self.x_ticks if x_numbers else ():
             out.append(_text(self.px(x), self.top + self.height + 14, _number(x)))
         out.append(_text(self.left + self.width / 2, self.top - 9, title,
@@ -88,11 +92,12 @@ def line_panel(title: str, series: dict, x_label: str, y_label: str = "", empty:
     def draw(x0, y0):
         if not ys:  # nothing to draw: the frame and a word why
             axes = Axes(x0, y0, [0, 1], [0, 1])
-            return axes.frame(title, x_label, y_label, x_numbers=False) + [
+            return axes.frame(title, x_label, y_label, x_numbers=False, y_numbers=False) + [
                 _text(axes.left + axes.width / 2, axes.top + axes.height / 2, empty)]
         lo = min(0.0, min(ys)) if from_zero else min(ys)
         axes = Axes(x0, y0, nice_ticks(min(xs), max(xs)), nice_ticks(lo, max(ys)))
         out = axes.frame(title, x_label, y_label)
+        radius = 2 if len(xs) <= 60 else 0.8  # dots for hovering; many would hide the line
         for i, (name, pts) in enumerate(points.items()):
             color = COLORS[i % len(COLORS)]
             path = " ".join(f"{axes.px(x):.2f},{axes.py(y):.2f}" for x, y in pts)
@@ -100,7 +105,7 @@ def line_panel(title: str, series: dict, x_label: str, y_label: str = "", empty:
                        f'stroke="{color}" stroke-width="1.5"/>')
             for x, y in pts:
                 out.append(f'<circle data-series={quoteattr(name)} data-x="{x!r}" data-y="{y!r}" '
-                           f'cx="{axes.px(x):.2f}" cy="{axes.py(y):.2f}" r="2" fill="{color}">'
+                           f'cx="{axes.px(x):.2f}" cy="{axes.py(y):.2f}" r="{radius}" fill="{color}">'
                            f'<title>{escape(name)} at {x_label} {x}: {y:.6g}</title></circle>')
         if len(points) > 1:
             out += _legend(list(points), axes.left + 6, axes.top + 6, COLORS)
