@@ -3,7 +3,7 @@
     from common import UserError, atomic_write, pick_device, lr_factor, warmup_steps, build_parser
     raise UserError("what is wrong and what to do")  # the CLI prints this one line, exits 1
     atomic_write(path, b"...")             # a temp file beside path, renamed over it when complete
-    append_line(path, json.dumps(row))     # one whole line, under a lock: concurrent writers are safe
+    append_line(path, json.dumps(row))     # one whole line under a lock: concurrent writers are safe
     with FolderLock(out): ...              # one run per folder; a second one gets a clear line
     device = pick_device("auto")           # cuda when present, else cpu; a bad name: UserError
     lr = peak * lr_factor(step, total, warmup_steps(total, 0.05))  # warm-up, then linear decay
@@ -142,7 +142,7 @@ def append_line(path, line: str, advice: str = ""):
 
 
 def free_bytes(folder) -> Optional[int]:
-    """Free space of the disk that holds folder (or its nearest existing parent); None if unknown."""
+    """Free bytes of the disk that holds folder (or its nearest existing parent); None: unknown."""
     folder = Path(folder).absolute()
     for p in (folder, *folder.parents):
         if p.is_dir():
@@ -189,7 +189,8 @@ class FolderLock:
         except OSError as e:
             self.release()
             todo = ADVICE.get(e.errno, f"give a {what} folder you can write to")
-            raise UserError(f"cannot write to {what} {self.folder} ({e.strerror}): {todo}") from None
+            raise UserError(f"cannot write to {what} {self.folder} ({e.strerror}): {todo}") \
+                from None
         if stale.strip():
             print(f"{self.path}: taking over the lock of {describe_holder(stale)}, which has "
                   f"ended", file=sys.stderr)
@@ -245,7 +246,7 @@ def describe_holder(text: str) -> str:
         return "a process that left no details"
 
 
-# ----------------------------------------------------------------------------- folders from settings
+# ----------------------------------------------------------------------------- folders in settings
 
 def check_folder(path, setting: str) -> Path:
     """A folder named by a flag or an environment variable (setting, e.g. "--data-dir" or

@@ -40,7 +40,8 @@ def _number(x: float) -> str:
 
 
 def _text(x, y, text, anchor="middle", extra="", size=11):
-    return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" {FONT} font-size="{size}"{extra}>'
+    return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" {FONT} '
+            f'font-size="{size}"{extra}>'
             f'{escape(str(text))}</text>')
 
 
@@ -105,7 +106,8 @@ def line_panel(title: str, series: dict, x_label: str, y_label: str = "", empty:
                        f'stroke="{color}" stroke-width="1.5"/>')
             for x, y in pts:
                 out.append(f'<circle data-series={quoteattr(name)} data-x="{x!r}" data-y="{y!r}" '
-                           f'cx="{axes.px(x):.2f}" cy="{axes.py(y):.2f}" r="{radius}" fill="{color}">'
+                           f'cx="{axes.px(x):.2f}" cy="{axes.py(y):.2f}" r="{radius}" '
+                           f'fill="{color}">'
                            f'<title>{escape(name)} at {x_label} {x}: {y:.6g}</title></circle>')
         if len(points) > 1:
             out += _legend(list(points), axes.left + 6, axes.top + 6, COLORS)

@@ -3530,7 +3530,8 @@ class TestFailures:
     def test_eval_out_is_locked(self, task_data, tmp_path, held_lock, monkeypatch):
         holder = held_lock(tmp_path / "model")
         monkeypatch.setattr(finetune, "_run_task", _must_not_run)
-        with pytest.raises(UserError, match=f"in use by a running tinydistil run .pid {holder.pid}"):
+        message = f"in use by a running tinydistil run .pid {holder.pid}"
+        with pytest.raises(UserError, match=message):
             run(tiny_cfg(task_data, tmp_path, out=str(tmp_path / "model")))
 
     def test_inputs_longer_than_the_model(self, capsys):

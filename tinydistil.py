@@ -672,7 +672,7 @@ def pretrain(cfg: PretrainConfig):
     echo = print if master else quiet
     with claim_out_dir(cfg, out, master):
         state = read_checkpoint(cfg, out, dist.world) if cfg.resume else None
-        data_dir(cfg.data_dir)  # a --data-dir or $TINYDISTIL_DATA that is a file: before the teacher
+        data_dir(cfg.data_dir)  # a --data-dir or $TINYDISTIL_DATA that is a file: at once, too
         if cfg.data not in WIKITEXT:  # a missing corpus path fails before the teacher loads
             corpus_files(cfg.data, None)
         echo(describe_recipe(cfg, dist.world))
