@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import data
 from common import (UserError, has_bfloat16_matmul, looks_like_path, lr_factor, pick_device,
-                    warmup_steps)
+                    use_tf32, warmup_steps)
 from losses import total_loss
 from model import BERT, configure_optimizers
 from tasks import distill, glue, imdb, squad
@@ -350,6 +350,8 @@ def run(cfg: EvalConfig) -> dict:
     """Fine-tune cfg.model on cfg.task (with --seeds, once per seed), score it, append the results
     line and return it. task "glue" runs the nine GLUE tasks and returns {task: line}."""
     check_config(cfg)
+    if tf32 := use_tf32(pick_device(cfg.device)):
+        print(tf32)
     if cfg.task != "glue":
         return _run_task(cfg)
     per_task = {t: replace(cfg, task=t, out=cfg.out and str(Path(cfg.out) / t),
