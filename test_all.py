@@ -2009,8 +2009,8 @@ class TestPretrain:
                                     torch.Generator().manual_seed(0), 0.3)
         cfg = PretrainConfig(alpha_ce=weights[0], alpha_mlm=weights[1], alpha_cos=weights[2])
         loss, terms = tinydistil.distillation_loss(
-            teacher, tinydistil.StudentForDistillation(student), masked, mask, labels, cfg,
-            (torch.float32, torch.float32))
+            teacher, tinydistil.StudentForDistillation(student),
+            tinydistil.to_device(masked, mask, labels, CPU), cfg, (torch.float32, torch.float32))
         real = mask.bool()
         t, s = teacher(masked, mask), student(masked, mask)
         t_logits, s_logits = t.logits[real], s.logits[real]  # (N, V)
