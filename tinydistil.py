@@ -797,9 +797,9 @@ def distil(run: Run, step: int, data_position: tuple):
                 save_checkpoint(Path(cfg.out), student, run.opt, step, (epoch, batch_index + 1),
                                 run.mask_gen, cfg, dist)
                 log.pause(time.perf_counter() - t_save)
-            if stopping and step < run.total_steps:
+            if stopping and step < run.total_steps:  # what to do is said once, by rank 0
                 raise Preempted(f"stopped by SIGTERM after step {step}, saved in {cfg.out}; "
-                                f"continue with: {resume_command()}")
+                                f"continue with: {resume_command()}" if dist.rank == 0 else "")
     finally:
         stop.restore()
         log.bar.close()
@@ -890,7 +890,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Preempted as e:
-        print(str(e), file=sys.stderr)
+        if str(e):
+            print(str(e), file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
