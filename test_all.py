@@ -3572,3 +3572,72 @@ class TestReadyForGPU:
                 for device in ("cpu", "cuda")]
         assert "launch-bound" in bench.table(rows, 1, "pairs", 1, ("m", "m"))
         assert "launch-bound" not in bench.table(rows[:1], 1, "pairs", 1, ("m", "m"))
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestCuda:
+    """The CUDA paths themselves, skipped without a GPU; scripts/gpu_check.sh runs them with the
+    rest of this file on a GPU, then the same paths at full size."""
+
+    def test_bfloat16_detection(self):
+        major, _ = torch.cuda.get_device_capability()
+        assert tinydistil.has_bfloat16_matmul(CUDA) == (major >= 8)
+
+    def test_pretrain_bfloat16_preempted_and_resumed(self, tmp_path, corpus, monkeypatch,
+                                                     capsys):
+        cfg = pretrain_config(tmp_path, corpus, max_steps=6, save_every=100, log_every=1,
+                              device="cuda", dtype="bfloat16", teacher_dtype="bfloat16")
+        pretrain(replace(cfg, out=str(tmp_path / "full")))
+        preempted_run(cfg, monkeypatch, after_step=3)
+        pretrain(replace(cfg, resume=True))
+        out = capsys.readouterr().out
+        assert "TF32" in out and "at step 3" in out and "not bit for bit" not in out
+        a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "out")
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        print("max difference, resumed vs uninterrupted, CUDA:", diff)
+        assert diff < 1e-3
+
+    def test_a_cpu_checkpoint_resumes_on_cuda(self, tmp_path, corpus, monkeypatch, capsys):
+        cfg = pretrain_config(tmp_path, corpus, max_steps=4, save_every=100, log_every=1)
+        preempted_run(cfg, monkeypatch)
+        pretrain(replace(cfg, resume=True, device="cuda"))
+        assert "--resume on cuda from a checkpoint made on cpu" in capsys.readouterr().out
+
+    def test_no_sync_in_the_loop_by_cudas_own_count(self, tmp_path):
+        count_syncs = load_script("count_syncs")
+        result = count_syncs.count(count_syncs.tiny_config(tmp_path, "cuda"))
+        print("syncs per step:", result)
+        assert result["steps"] == [0, 0, 1, 0, 0, 1], result["what"]
+        assert max(result["cuda_steps"]) <= 2, result
+
+    def test_eval_on_cuda(self, finetune_data, tmp_path):
+        line = run_tiny(finetune_data, tmp_path, "sst2", epochs=8, lr=3e-3, device="cuda")
+        assert line["config"]["device"] == "cuda" and line["metrics"]["accuracy"] >= 0.9
+
+    @pytest.mark.usefixtures("bench_offline")
+    def test_bench_cuda_rows_and_the_pretrain_step(self, tmp_path, capsys):
+        rows = run_json(tmp_path, "--models", TINY_BERT, "--limit", "3", "--device", "cuda")
+        assert [(r["device"], r["dtype"]) for r in rows] == [
+            ("cuda", "float32"), ("cuda", "float16"), ("cuda", "bfloat16")]
+        assert "launch-bound" in capsys.readouterr().out
+        result = bench.time_distillation_steps(bench.BenchConfig(
+            pretrain_step=True, batch_size=2, seq_len=16, steps=1, device="cuda"))
+        assert result["peak_gpu_mib"] > 0 and "peak_rss_mib" not in result
+
+    @pytest.mark.slow
+    def test_ddp_nccl(self, tmp_path, corpus):
+        n, out = min(2, torch.cuda.device_count()), tmp_path / "ddp"
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={n}", str(ROOT / "tinydistil.py"), "pretrain",
+                            "--teacher", TEACHER, "--data", str(corpus),
+                            "--data-dir", str(tmp_path / "data"), "--n-layer", "1",
+                            "--batch-size", "4", "--seq-len", "32", "--max-steps", "4",
+                            "--log-every", "2", "--out", str(out), "--device", "cuda"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert [line["step"] for line in train_log(out)] == [2, 4]
