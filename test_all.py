@@ -3484,7 +3484,8 @@ class TestReadyForGPU:
         state = torch.load(path, weights_only=False)
         # As a GPU run saves it: its CUDA random state beside the host's, every tensor tagged
         # cuda:0 (the optimizer's moments and steps were on the GPU).
-        state["rng"]["device"], state["rng"]["cuda"] = ["cuda"], [torch.zeros(16, dtype=torch.uint8)]
+        state["rng"]["device"] = ["cuda"]
+        state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
         with monkeypatch.context() as m:
             m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
             torch.save(state, path)

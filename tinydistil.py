@@ -233,7 +233,7 @@ class StudentForDistillation(nn.Module):
 class Batch:
     """A masked micro-batch on the device, with the rows the losses read. The rows are found on the
     host, where collate and mask_batch made the batch: selecting them on a GPU by a boolean mask
-    would make the CPU wait for the GPU (to learn how many there are) several times a micro-batch."""
+    would make the CPU wait for the GPU (to learn how many rows) several times a micro-batch."""
     input_ids: torch.Tensor  # (B, T)
     attention_mask: Optional[torch.Tensor]  # (B, T), or None when no row is padded
     real: torch.Tensor  # (N,) positions of the real (non-pad) tokens in the flattened (B*T) batch
@@ -444,7 +444,8 @@ def restore_random_streams(rng: dict, rank: int, device: torch.device, mask_gen,
         mask_gen.set_state(rng["mask"][rank])
     else:
         mask_gen.manual_seed(1_000_003 * (seed + 1) + rank + 7919 * step)
-        note = "the masking stream (saved by a GPU's generator) is reseeded from --seed and the step"
+        note = ("the masking stream (saved by a GPU's generator) is reseeded from --seed and "
+                "the step")
     if saved == device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"][rank], device)
     elif saved != device.type:

@@ -75,7 +75,7 @@ class SyncCounter(TorchDispatchMode):
         if on_device and syncs_in(func, args, kwargs):
             self.record(func.overloadpacket.__name__)
         out = func(*args, **kwargs)
-        if on_device:  # what it made, and what an in-place op (name_) or out= wrote, is the device's
+        if on_device:  # what it made, and what an in-place op (name_) or out= wrote: the device's
             written = [args[0]] if func.overloadpacket.__name__.endswith("_") and args else []
             for t in tree_leaves(out) + written + tree_leaves(kwargs.get("out")):
                 if isinstance(t, torch.Tensor):
@@ -100,8 +100,9 @@ def host_side(frame) -> bool:
 
 def patch_copies(counter: SyncCounter, device: torch.device):
     """Tensor.to(device) on the CPU returns the tensor itself: make it a marked copy instead (but
-    see host_side), and count a blocking copy (host memory not pinned, non_blocking False) as a sync. Reading a device
-    tensor with .tolist(), .cpu() or .numpy() counts as one too. Returns an undo function."""
+    see host_side), and count a blocking copy (host memory not pinned, non_blocking False) as a
+    sync. Reading a device tensor with .tolist(), .cpu() or .numpy() counts as one too. Returns an
+    undo function."""
     saved = {k: getattr(torch.Tensor, k) for k in ("to", "tolist", "cpu", "numpy")}
 
     def to(self, *args, **kwargs):

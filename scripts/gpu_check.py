@@ -111,7 +111,9 @@ class Check:
     # ------------------------------------------------------------------- inputs
 
     def teacher(self) -> str:
-        return str(self.bundle / "minilm" if self.device == "cuda" else FIXTURES / "models/tiny-bert")
+        if self.device == "cuda":
+            return str(self.bundle / "minilm")
+        return str(FIXTURES / "models" / "tiny-bert")
 
     def data_args(self) -> list:
         """--data and --data-dir: WikiText-2 from the bundle, or a corpus of the tiny vocabulary."""

@@ -1,4 +1,4 @@
-"""scripts/make_gpu_bundle.py: what scripts/gpu_check.sh takes to a GPU machine that reaches nothing.
+"""scripts/make_gpu_bundle.py: what scripts/gpu_check.sh takes along to a GPU that reaches nothing.
 
     python scripts/make_gpu_bundle.py --data-dir DIR            # writes gpu_bundle/ (48 MiB)
     python scripts/make_gpu_bundle.py --data-dir DIR --out X    # elsewhere
