@@ -342,8 +342,8 @@ def speedup_base(candidates: list) -> tuple:
     return first, "/".join(Path(first).parts[-2:])
 
 
-CUDA_BATCH_1 = ("CUDA rows, batch size 1: launch-bound. A pair of ~30 tokens is a few hundred "
-                "small kernels whose launches from Python take longer than the GPU's work, so "
+CUDA_BATCH_1 = ("CUDA rows, batch size 1: launch-bound. A pair of ~30 tokens is a hundred or "
+                "more small kernels whose launches from Python take longer than the GPU's work, so "
                 "these times measure the host's launch speed more than the GPU (--throughput "
                 "measures batches, on the CPU).")
 

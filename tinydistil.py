@@ -499,6 +499,7 @@ def wait_for_everyone(dist: Distributed, timeout_minutes: float):
 def stop_processes(dist: Distributed):
     if dist.world > 1:  # rank 0 may still be saving; tearing gloo down under it aborts the others
         torch.distributed.barrier(group=dist.host)
+    if dist.host is not None:  # torchrun, one process or more
         torch.distributed.destroy_process_group()
 
 

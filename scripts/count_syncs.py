@@ -48,6 +48,10 @@ def syncs_in(func, args, kwargs) -> bool:
     if name in ("index", "index_put", "index_put_", "_index_put_impl_"):  # a boolean index:
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())  # nonzero inside
         return any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in indices)
+    if name in ("_to_copy", "copy_") and args:  # a device tensor copied into host memory
+        source, target = (args[0], kwargs.get("device")) if name == "_to_copy" else (args[1],
+                                                                                     args[0].device)
+        return source.is_cuda and target is not None and torch.device(target).type == "cpu"
     if name == "multinomial":  # without replacement it checks the weights' sum and range first
         n = args[1] if len(args) > 1 else kwargs["num_samples"]
         replacement = args[2] if len(args) > 2 else kwargs.get("replacement", False)

@@ -17,9 +17,9 @@ brings back few files). Exits 1 if a path failed. The paths, in order:
   torchrun       pretrain under torchrun, 1 process (nccl), and 2 if there are 2 GPUs
   eval           eval sst2 of the pretrained student, on 2,000 training sentences, the dev set
   bench          bench.py's rows on the device (batch 1), BERT-base and DistilBERT shapes
-  pretrain-step  bench.py --pretrain-step at 16 x 128 and 5 x 512 (bfloat16; 5 x 512 in float32,
-                 i.e. TF32, as the paper recipe): tokens/s, MFU (also against the bfloat16 peak),
-                 peak GPU memory
+  pretrain-step  bench.py --pretrain-step at 16 x 128 and 5 x 512, student in bfloat16 (and at
+                 5 x 512 in float32, i.e. TF32), teacher bfloat16: tokens/s, MFU (also against
+                 the bfloat16 peak), peak GPU memory
   reference      the same step built on transformers (scripts/bench_reference_pretrain_step.py),
                  where transformers is installed (the GPU image has it; it is too big to carry)
 
