@@ -3368,7 +3368,8 @@ class TestBench:
 
     @pytest.mark.slow
     def test_bench_times_tinydistils_own_step(self, capsys):
-        bench.main(["--pretrain-step", "--batch-size", "1", "--seq-len", "16", "--steps", "1"])
+        bench.main(["--pretrain-step", "--batch-size", "1", "--seq-len", "16", "--steps", "1",
+                    "--device", "cpu"])  # on a GPU: TestCuda
         out = capsys.readouterr().out
         assert "distillation step: BERT-base teacher" in out and "tokens/s" in out and "MFU" in out
 
