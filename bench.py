@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import data
 from common import (UserError, atomic_write, build_parser, check_output_file, looks_like_path,
-                    os_error_line, pick_device, sync)
+                    os_error_line, pick_device, sync, use_tf32)
 from hub import NoCheckpointFolder, checkpoint_folder
 from model import BERT, Attention, BertConfig
 from tasks import glue
@@ -342,6 +342,12 @@ def speedup_base(candidates: list) -> tuple:
     return first, "/".join(Path(first).parts[-2:])
 
 
+CUDA_BATCH_1 = ("CUDA rows, batch size 1: launch-bound. A pair of ~30 tokens is a hundred or "
+                "more small kernels whose launches from Python take longer than the GPU's work, so "
+                "these times measure the host's launch speed more than the GPU (--throughput "
+                "measures batches, on the CPU).")
+
+
 def table(rows, n_pairs: int, pairs_what: str, threads: int, base: tuple) -> str:
     """Markdown in the layout of Table 3, the paper's rows first. Our speed-ups are over the float32
     row of base = (model name, label) on the same device; the paper's are over its BERT-base, so
@@ -370,6 +376,8 @@ def table(rows, n_pairs: int, pairs_what: str, threads: int, base: tuple) -> str
         digits = 1 if r["params_m"] >= 1 else 3
         out.append(f"| {name} | {r['params_m']:.{digits}f} | {r['seconds']:.2f} | "
                    f"{r['ms_per_example']:.2f} | {speedup} |")
+    if any(r["device"].startswith("cuda") for r in rows):
+        out += ["", CUDA_BATCH_1]
     return "\n".join(out)
 
 
@@ -464,15 +472,18 @@ def print_throughput(candidate: Candidate, pairs, modes):
 # ----------------------------------------------------------------------------- distillation step
 
 def time_distillation_steps(cfg: BenchConfig) -> dict:
-    """Speed of pretraining (paper section 3): tinydistil's own step (mask, distillation_loss,
-    backward, clip, AdamW) with a random-weight BERT-base teacher, its 6-layer student and random
-    full-length batches, as the small recipe runs it (teacher in bfloat16 where native). One step
-    is untimed. Prints and returns tokens/s, ms/step, MFU and peak memory."""
+    """Speed of pretraining (paper section 3): tinydistil's own step (mask on the host, copy,
+    distillation_loss, backward, clip, AdamW) with a random-weight BERT-base teacher, its 6-layer
+    student and random full-length batches, as the small recipe runs it (teacher in bfloat16 where
+    native; float32 matmuls in TF32 on CUDA, as pretrain). One step is untimed. Prints and returns
+    tokens/s, ms/step, MFU (against each model's dtype's measured peak, and against the bfloat16
+    peak) and peak memory: the CUDA allocator's on a GPU, else the process's resident set."""
     import resource
     import tinydistil
     from data import mask_batch
     from model import configure_optimizers
     device = pick_device(cfg.device)  # auto: the GPU when there is one
+    tf32 = use_tf32(device)
     dtype = cfg.dtypes or "float32"
     if dtype not in ("float32", "bfloat16") or min(cfg.batch_size, cfg.seq_len, cfg.steps) < 1:
         raise UserError("--pretrain-step takes --dtypes float32 or bfloat16 and positive "
@@ -491,18 +502,21 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
     V, first_word = teacher.config.vocab_size, 104  # ids below 104: [PAD], [unused*], specials
     probs = torch.ones(V)
     probs[:first_word] = 0
-    mask_gen = torch.Generator(device).manual_seed(0)
+    mask_gen = torch.Generator().manual_seed(0)
     print(f"distillation step: BERT-base teacher ({pcfg.teacher_dtype}), 6-layer student "
           f"({dtype}), random weights, {cfg.batch_size} x {cfg.seq_len} tokens, "
-          f"{torch.get_num_threads()} threads, {device}")
+          f"{torch.get_num_threads()} threads, {device}" + (f"; {tf32}" if tf32 else ""))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for step in range(cfg.steps + 1):
         if step == 1:
             sync(device)
             t0 = time.perf_counter()
-        ids = torch.randint(first_word, V, (cfg.batch_size, cfg.seq_len), device=device)
+        ids = torch.randint(first_word, V, (cfg.batch_size, cfg.seq_len))
         mask = torch.ones_like(ids)
         ids, labels = mask_batch(ids, mask, probs, 103, V, mask_gen, pcfg.mlm_mask_prop)
-        loss, _ = tinydistil.distillation_loss(teacher, model, ids, mask, labels, pcfg, dtypes)
+        batch = tinydistil.to_device(ids, mask, labels, device)
+        loss, _ = tinydistil.distillation_loss(teacher, model, batch, pcfg, dtypes)
         loss.backward()
         nn.utils.clip_grad_norm_(student.parameters(), pcfg.max_grad_norm)
         opt.step()
@@ -510,18 +524,29 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
     sync(device)
     seconds = (time.perf_counter() - t0) / cfg.steps
     tokens = cfg.batch_size * cfg.seq_len
+    bf16 = (torch.bfloat16, torch.bfloat16)
     result = {"tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds,
               "mfu": step_mfu(teacher, student, dtypes, device, tokens, cfg.seq_len, seconds),
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "mfu_vs_bf16_peak": step_mfu(teacher, student, bf16, device, tokens, cfg.seq_len,
+                                           seconds)}
+    if device.type == "cuda":
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        memory = f"peak memory {result['peak_gpu_mib']:.0f} MiB allocated on {device}"
+    else:
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        memory = f"peak memory {result['peak_rss_mib']:.0f} MiB resident"
     mfu = "unknown (no native bfloat16)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+    if result["mfu_vs_bf16_peak"] is not None and dtypes != bf16:
+        mfu += f" ({100 * result['mfu_vs_bf16_peak']:.1f}% of the bfloat16 peak)"
     print(f"{result['tokens_per_s']:.0f} tokens/s | {result['ms_per_step']:.0f} ms/step | "
-          f"MFU {mfu} | peak memory {result['peak_rss_mib']:.0f} MiB resident")
+          f"MFU {mfu} | {memory}")
     return result
 
 
 def step_mfu(teacher, student, dtypes, device, tokens, seq_len, seconds):
     """Model FLOPs of a step over what the peaks would do in its time: the teacher forward (1x),
-    the student forward and backward (3x), L_ce's head on every row. None if a peak is unknown."""
+    the student forward and backward (3x), L_ce's head on every row. None if a peak is unknown.
+    dtypes: the peaks' (teacher, student); a float32 peak on CUDA is TF32's (use_tf32)."""
     import tinydistil
     seconds_at_peak = 0.0
     for model, dtype, passes in ((teacher, dtypes[0], 1), (student, dtypes[1], 3)):

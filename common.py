@@ -289,6 +289,10 @@ def pick_device(name: str = "auto", local_rank=None) -> torch.device:
     set) a bare "cuda" means this process's own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if local_rank is not None and name.startswith("cuda:"):  # two ranks on one GPU: NCCL refuses
+        raise UserError(f"--device {name} under torchrun: each process takes the GPU of its "
+                        f"LOCAL_RANK; pass --device cuda (or auto), and choose the GPUs with "
+                        f"CUDA_VISIBLE_DEVICES")
     if name == "cuda" and local_rank is not None:
         name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -306,13 +310,25 @@ def pick_device(name: str = "auto", local_rank=None) -> torch.device:
 
 
 def has_bfloat16_matmul(device: torch.device) -> bool:
-    """bfloat16 matmuls run natively on CUDA and on CPUs with AVX512-BF16 or AMX; elsewhere they
-    are emulated, several times slower than float32 (studies/teacher_precision.md)."""
+    """bfloat16 matmuls run natively on CUDA GPUs of compute capability 8.0 on (A100, RTX 30xx,
+    H100) and on CPUs with AVX512-BF16 or AMX; elsewhere (V100, T4, most CPUs) they are emulated,
+    several times slower than float32 (studies/teacher_precision.md)."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_tf32(device: torch.device) -> str:
+    """On CUDA, let float32 matmuls run on TF32 tensor cores (10-bit mantissa inputs, float32
+    accumulation), as nanoGPT does: about 8x the strict float32 rate on A100 and H100 (their
+    datasheets), where strict float32 would leave the paper recipe's float32 models far below the
+    GPU's speed. Returns the line the log shows ("" off CUDA)."""
+    if device.type != "cuda":
+        return ""
+    torch.set_float32_matmul_precision("high")  # matmuls; cuDNN convolutions are TF32 already
+    return "float32 matmuls on CUDA run in TF32 (torch.set_float32_matmul_precision('high'))"
 
 
 def sync(device: torch.device):

@@ -175,7 +175,7 @@ def pretrain_config(tmp_path, corpus, **kw):
     """A PretrainConfig for a run of seconds: the tiny teacher, a 2-layer student, the corpus."""
     base = dict(teacher=TINY_BERT, out=str(tmp_path / "out"), data=str(corpus),
                 data_dir=str(tmp_path / "data"), n_layer=2, batch_size=8, seq_len=32, max_steps=6,
-                log_every=2, save_every=3, seed=0)
+                log_every=2, save_every=3, seed=0, device="cpu")
     return PretrainConfig(**{**base, **kw})
 
 
@@ -288,7 +288,8 @@ def results_lines(path) -> list:
 
 def run_tiny(finetune_data, tmp_path, task, model="tiny-distilbert", **kw):
     cfg = EvalConfig(task=task, model=str(MODELS / model), data_dir=str(finetune_data),
-                     batch_size=16, results=str(tmp_path / "results.jsonl"), **kw)
+                     batch_size=16, results=str(tmp_path / "results.jsonl"),
+                     **{"device": "cpu", **kw})
     return run(cfg)
 
 
@@ -321,7 +322,8 @@ def task_data(tmp_path_factory):
 
 
 def tiny_cfg(task_data, tmp_path, task="sst2", **kw):
-    kw = {"epochs": 6, "lr": 3e-3, "batch_size": 16, "teacher_dtype": "float32", **kw}
+    kw = {"epochs": 6, "lr": 3e-3, "batch_size": 16, "teacher_dtype": "float32", "device": "cpu",
+          **kw}
     return EvalConfig(task=task, model=TINY_DISTILBERT, data_dir=str(task_data),
                       results=str(tmp_path / "results.jsonl"), **kw)
 
@@ -2017,8 +2019,8 @@ class TestPretrain:
                                     torch.Generator().manual_seed(0), 0.3)
         cfg = PretrainConfig(alpha_ce=weights[0], alpha_mlm=weights[1], alpha_cos=weights[2])
         loss, terms = tinydistil.distillation_loss(
-            teacher, tinydistil.StudentForDistillation(student), masked, mask, labels, cfg,
-            (torch.float32, torch.float32))
+            teacher, tinydistil.StudentForDistillation(student),
+            tinydistil.to_device(masked, mask, labels, CPU), cfg, (torch.float32, torch.float32))
         real = mask.bool()
         t, s = teacher(masked, mask), student(masked, mask)
         t_logits, s_logits = t.logits[real], s.logits[real]  # (N, V)
@@ -2191,7 +2193,7 @@ class TestPretrain:
         args = ["pretrain", "--teacher", TEACHER, "--data", str(corpus),
                 "--data-dir", str(tmp_path / "data"), "--n-layer", "2", "--batch-size", "16",
                 "--seq-len", "64", "--max-steps", "20", "--save-every", "10", "--log-every", "5",
-                "--seed", "1"]
+                "--seed", "1", "--device", "cpu"]
         full = cli(*args, "--out", str(tmp_path / "full"))
         assert full.returncode == 0, full.stderr
 
@@ -2222,7 +2224,8 @@ class TestPretrain:
     def test_sigterm_saves_then_resume_continues_bit_for_bit(self, tmp_path, corpus):
         args = ["pretrain", "--teacher", TEACHER, "--data", str(corpus), "--data-dir",
                 str(tmp_path / "data"), "--n-layer", "2", "--batch-size", "16", "--seq-len", "64",
-                "--max-steps", "24", "--save-every", "100", "--log-every", "1", "--seed", "1"]
+                "--max-steps", "24", "--save-every", "100", "--log-every", "1", "--seed", "1",
+                "--device", "cpu"]
         full = cli(*args, "--out", str(tmp_path / "full"))
         assert full.returncode == 0, full.stderr
         out = tmp_path / "stopped"
@@ -2250,21 +2253,37 @@ class TestPretrain:
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
     @pytest.mark.slow
-    def test_ddp_two_gloo_processes(self, tmp_path, corpus):
+    def test_ddp_two_gloo_processes_sigterm_and_resume(self, tmp_path, corpus):
         out = tmp_path / "ddp"
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc_per_node=2", str(ROOT / "tinydistil.py"), "pretrain",
-                            "--teacher", TEACHER, "--data", str(corpus),
-                            "--data-dir", str(tmp_path / "data"), "--n-layer", "1",
-                            "--batch-size", "4", "--seq-len", "32", "--max-steps", "4",
-                            "--log-every", "2", "--save-every", "4", "--out", str(out)],
-                           capture_output=True, text=True, timeout=180,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert r.stdout.count("step     2/4") == 1  # only rank 0 logs
-        assert [r["step"] for r in train_log(out)] == [2, 4]
-        state = torch.load(out / "checkpoints" / "step-4" / "train_state.pt", weights_only=False)
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", str(ROOT / "tinydistil.py"), "pretrain", "--teacher",
+                TEACHER, "--data", str(corpus), "--data-dir", str(tmp_path / "data"),
+                "--n-layer", "1", "--batch-size", "4", "--seq-len", "32", "--max-steps", "30",
+                "--log-every", "1", "--save-every", "1000", "--out", str(out),
+                "--device", "cpu"]  # gloo, on a GPU machine too
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
+        log = out / "train_log.jsonl"
+        while proc.poll() is None and not (log.is_file()
+                                           and len(log.read_text().splitlines()) >= 3):
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGTERM)  # as a cluster does: every process of the job
+        _, stderr = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            pytest.skip("the run finished before SIGTERM arrived")
+        # Both ranks saved their part and left together; rank 0 says what to do, once.
+        assert stderr.count("stopped by SIGTERM after step") == 1, stderr[-3000:]
+        stopped_at = int((out / "checkpoints" / "latest").read_text().removeprefix("step-"))
+        state = torch.load(out / "checkpoints" / f"step-{stopped_at}" / "train_state.pt",
+                           weights_only=False)
         assert len(state["rng"]["mask"]) == 2  # each rank's masking stream is saved for resumption
+        r = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=env,
+                           timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"at step {stopped_at}" in r.stdout
+        assert r.stdout.count("step    30/30") == 1  # only rank 0 logs
+        assert [r["step"] for r in train_log(out)] == list(range(1, 31))
         BERT.from_pretrained(str(out))
 
     @pytest.mark.slow
@@ -2795,7 +2814,7 @@ class TestFinetune:
 
     def test_glue_runs_all_nine_tasks_on_real_rows(self, tmp_path):
         lines = run(EvalConfig(task="glue", model=str(MODELS / "tiny-distilbert"),
-                               data_dir=str(TASK_FIX), epochs=1,
+                               data_dir=str(TASK_FIX), epochs=1, device="cpu",
                                results=str(tmp_path / "results.jsonl")))
         assert list(lines) == list(glue.TASKS)
         written = results_lines(tmp_path / "results.jsonl")
@@ -2830,8 +2849,12 @@ class TestFinetune:
     def test_errors(self, finetune_data, tmp_path, monkeypatch):
         with pytest.raises(UserError, match="unknown task 'sst3'.*sst2.*squad"):
             run_tiny(finetune_data, tmp_path, "sst3")
-        with pytest.raises(UserError, match="--device cuda:7"):
-            run_tiny(finetune_data, tmp_path, "sst2", device="cuda:7")
+        for gpus, message in ((0, "no CUDA device is available"),  # as if on a machine with
+                              (2, "this machine has 2 CUDA devices")):  # none, then 2 GPUs
+            with monkeypatch.context() as m, pytest.raises(UserError, match=message):
+                m.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+                m.setattr(torch.cuda, "device_count", lambda: gpus)
+                run_tiny(finetune_data, tmp_path, "sst2", device="cuda:7")
         with pytest.raises(UserError, match="must be positive"):
             run_tiny(finetune_data, tmp_path, "sst2", max_eval_examples=0)
         with pytest.raises(UserError, match="--max-seq-len 512"):
@@ -2883,7 +2906,8 @@ class TestFinetune:
         tinydistil.main(["eval", "sst2", "--model", str(MODELS / "tiny-bert-legacy"),
                          "--data-dir", str(finetune_data), "--epochs", "1",
                          "--max-train-examples", "32", "--max-eval-examples", "16", "--lr", "1e-4",
-                         "--results", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "m")])
+                         "--results", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "m"),
+                         "--device", "cpu"])
         line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert line["config"]["max_train_examples"] == 32 and line["config"]["lr"] == 1e-4
         assert 0 <= line["metrics"]["accuracy"] <= 1
@@ -3086,7 +3110,8 @@ BENCH_ROW_KEYS = {"model": str, "device": str, "dtype": str, "params_m": float, 
 
 def run_json(tmp_path, *args):
     out = tmp_path / "rows.json"
-    bench.main([*args, "--json", str(out)])
+    device = [] if "--device" in args else ["--device", "cpu"]  # the CPU rows, on any machine
+    bench.main([*args, *device, "--json", str(out)])
     return json.loads(out.read_text())
 
 
@@ -3274,7 +3299,7 @@ class TestBench:
 
     def test_header_names_the_full_model_the_speed_ups_are_over(self, tmp_path, capsys):
         bench.main(["--models", f"{TINY_BERT},{TINY_DISTILBERT}", "--limit", "2",
-                    "--dtypes", "float32"])
+                    "--dtypes", "float32", "--device", "cpu"])
         text = capsys.readouterr().out
         assert f"speed-up vs {TINY_BERT} float32" in text
         table = [line for line in text.splitlines() if line.startswith("|")]
@@ -3351,7 +3376,8 @@ class TestBench:
 
     @pytest.mark.slow
     def test_bench_times_tinydistils_own_step(self, capsys):
-        bench.main(["--pretrain-step", "--batch-size", "1", "--seq-len", "16", "--steps", "1"])
+        bench.main(["--pretrain-step", "--batch-size", "1", "--seq-len", "16", "--steps", "1",
+                    "--device", "cpu"])  # on a GPU: TestCuda
         out = capsys.readouterr().out
         assert "distillation step: BERT-base teacher" in out and "tokens/s" in out and "MFU" in out
 
@@ -3653,3 +3679,267 @@ class TestSvg:
         assert not any("%" in name for name in bars)  # retention rows are ratios, not drawn
         heights = [float(el.get("height")) / y for marks in bars.values() for _, y, el in marks]
         assert max(heights) == pytest.approx(min(heights), rel=1e-3)  # one scale, from 0
+# ----------------------------------------------------------------------------- ready for a GPU
+
+def load_script(name: str):
+    """A module from scripts/ (not a package), e.g. count_syncs."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def preempted_run(cfg, monkeypatch, after_step=2):
+    """pretrain(cfg) stopped as SIGTERM stops it, after `after_step` steps: the checkpoint of that
+    step is saved and Preempted raised. Returns the processes that stop_processes was called for."""
+    agreed, stopped = [], []
+    with monkeypatch.context() as m:
+        m.setattr(tinydistil.StopSignal, "agreed",
+                  lambda self, dist: agreed.append(1) or len(agreed) == after_step)
+        original = tinydistil.stop_processes
+        m.setattr(tinydistil, "stop_processes", lambda dist: stopped.append(dist) or original(dist))
+        with pytest.raises(tinydistil.Preempted):
+            pretrain(cfg)
+    return stopped
+
+
+def ddp_env(rank: int, port: int) -> dict:
+    """The variables torchrun gives rank `rank` of 2 processes."""
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+class TestReadyForGPU:
+    """The CUDA paths' logic, on the CPU: GPUs and their properties monkeypatched, a checkpoint
+    saved with CUDA location tags, gloo for DDP, host-device syncs counted by scripts/count_syncs.
+    What only a GPU can show runs in TestCuda and scripts/gpu_check.sh."""
+
+    def test_bfloat16_is_native_from_compute_capability_8(self, monkeypatch):
+        cuda = torch.device("cuda")
+        for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True),
+                                   ((9, 0), True)):  # V100, T4, A100, H100
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+            assert tinydistil.has_bfloat16_matmul(cuda) is native
+            cfg = tinydistil.resolve_recipe(PretrainConfig(), 1, cuda)
+            assert cfg.teacher_dtype == ("bfloat16" if native else "float32")
+
+    def test_tf32_on_cuda_only(self):
+        from common import use_tf32
+        before = torch.get_float32_matmul_precision()
+        try:
+            torch.set_float32_matmul_precision("highest")
+            assert use_tf32(CPU) == "" and torch.get_float32_matmul_precision() == "highest"
+            assert "TF32" in use_tf32(torch.device("cuda"))
+            assert torch.get_float32_matmul_precision() == "high"
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    def test_under_torchrun_each_rank_takes_its_local_gpu(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        assert pick_device("cuda", local_rank=1) == torch.device("cuda:1")
+        assert pick_device("auto", local_rank=1) == torch.device("cuda:1")
+        assert pick_device("cuda:1") == torch.device("cuda:1")  # one process: as asked
+        with pytest.raises(UserError, match="--device cuda:1 under torchrun: .*LOCAL_RANK"):
+            pick_device("cuda:1", local_rank=0)
+        assert pick_device("cpu", local_rank=1) == CPU
+
+    def test_random_streams_across_devices(self, monkeypatch):
+        calls = []
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d=None: calls.append(("set", s)))
+        monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("seed", seed)))
+        cuda, saved_mask = torch.device("cuda"), torch.Generator().manual_seed(5).get_state()
+        host = {"torch": [torch.get_rng_state()], "mask": [saved_mask], "cuda": [None],
+                "device": ["cpu"]}
+        # A CPU checkpoint on a GPU: no set_rng_state(None); masking carries over, dropout's GPU
+        # stream is seeded from the seed and the step, the same way every time.
+        for _ in range(2):
+            mask = torch.Generator()
+            note = tinydistil.restore_random_streams(host, 0, cuda, mask, 56, 10)
+            assert torch.equal(mask.get_state(), saved_mask)
+        assert calls[0] == calls[1] and calls[0][0] == "seed" and len(calls) == 2
+        assert "--resume on cuda from a checkpoint made on cpu" in note and "masking" in note
+        # GPU to GPU: everything carries over, nothing to say
+        calls.clear()
+        gpu = {**host, "cuda": [torch.arange(16, dtype=torch.uint8)], "device": ["cuda"]}
+        assert tinydistil.restore_random_streams(gpu, 0, cuda, torch.Generator(), 56, 10) == ""
+        assert calls[0][0] == "set" and torch.equal(calls[0][1], gpu["cuda"][0])
+        # GPU to CPU: the host's stream carries over, CUDA's is not touched
+        calls.clear()
+        note = tinydistil.restore_random_streams(gpu, 0, CPU, torch.Generator(), 56, 10)
+        assert calls == [] and "--resume on cpu from a checkpoint made on cuda" in note
+        # a checkpoint from before masking moved to the host: its GPU masking state is reseeded
+        old = {"torch": host["torch"], "mask": [torch.zeros(16, dtype=torch.uint8)],
+               "cuda": [torch.zeros(16, dtype=torch.uint8)]}
+        note = tinydistil.restore_random_streams(old, 0, CPU, torch.Generator(), 56, 10)
+        assert "masking stream (saved by a GPU's generator) is reseeded" in note
+
+    def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(self, tmp_path, corpus, monkeypatch,
+                                                            capsys):
+        cfg = pretrain_config(tmp_path, corpus, max_steps=4, save_every=100, log_every=1, seed=3)
+        pretrain(replace(cfg, out=str(tmp_path / "full")))
+        stopped = preempted_run(cfg, monkeypatch)
+        assert len(stopped) == 1  # after SIGTERM too, the processes are stopped (DDP: together)
+        path = tmp_path / "out" / "checkpoints" / "step-2" / "train_state.pt"
+        state = torch.load(path, weights_only=False)
+        # As a GPU run saves it: its CUDA random state beside the host's, every tensor tagged
+        # cuda:0 (the optimizer's moments and steps were on the GPU).
+        state["rng"]["device"] = ["cuda"]
+        state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
+        with monkeypatch.context() as m:
+            m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+            torch.save(state, path)
+        if not torch.cuda.is_available():  # what --resume did before: a misleading "cannot read"
+            with pytest.raises(RuntimeError, match="CUDA"):
+                torch.load(path, weights_only=False)
+        capsys.readouterr()
+        pretrain(replace(cfg, resume=True))
+        out = capsys.readouterr().out
+        assert "resumed from" in out and "at step 2; --resume on cpu from a checkpoint made on " \
+                                          "cuda" in out and "not bit for bit" in out
+        # The host's streams this run drew from carried over, with the optimizer's state: the
+        # same student as the run never stopped.
+        a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "out")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    def test_no_attention_mask_without_padding(self):
+        ids = torch.arange(5, 29).view(2, 12)
+        full, labels = torch.ones_like(ids), torch.full_like(ids, -100)
+        labels[0, 3], labels[1, 2] = 7, 9
+        batch = tinydistil.to_device(ids, full, labels, CPU)
+        assert batch.attention_mask is None and batch.n_tokens == 24  # SDPA may pick flash
+        assert batch.predicted.tolist() == [3, 14] and batch.labels.tolist() == [7, 9]
+        padded = full.clone()
+        padded[1, 9:] = 0
+        batch = tinydistil.to_device(ids, padded, labels, CPU)
+        assert torch.equal(batch.attention_mask, padded) and batch.n_tokens == 21
+        assert batch.real.tolist() == list(range(21))
+
+    def test_L_ce_does_not_depend_on_its_chunk_size(self, monkeypatch):
+        import losses
+        torch.manual_seed(0)
+        s, t = torch.randn(150, 40, requires_grad=True), torch.randn(150, 40)
+        values, grads = [], []
+        for rows in (64, losses._SoftTargetKL.CUDA_ROWS):
+            monkeypatch.setattr(losses._SoftTargetKL, "ROWS", rows)
+            s.grad = None
+            value = L_ce(s, t)
+            value.backward()
+            values.append(value.item())
+            grads.append(s.grad.clone())
+        assert values[0] == pytest.approx(values[1], rel=1e-6)
+        assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+    def test_the_sync_counter_counts_reads_of_device_tensors_only(self):
+        count_syncs = load_script("count_syncs")
+        on_device, on_host = torch.ones(3), torch.ones(3)
+        count_syncs.mark(on_device)
+        counter = count_syncs.SyncCounter()
+        with counter:
+            on_host.sum().item()
+            (on_device * 2)[on_device > 0].sum().item()  # a boolean index, then an .item()
+        assert sorted(w.split(" at ")[0] for w in counter.by_step[1]) == [
+            "_local_scalar_dense", "index"]
+
+    def test_no_host_device_sync_in_the_training_loop(self, tmp_path):
+        count_syncs = load_script("count_syncs")
+        result = count_syncs.count(count_syncs.tiny_config(tmp_path, "cpu"))
+        # 6 steps of 2 micro-batches, a log line every 3 steps: one read of the losses per line
+        # (before: 39 syncs per step)
+        assert result["steps"] == [0, 0, 1, 0, 0, 1], result["what"]
+
+    @pytest.mark.slow
+    def test_ddp_ranks_wait_for_rank_0_up_to_ddp_timeout(self, tmp_path):
+        script = tmp_path / "wait.py"  # what load_data does, rank 0 tokenising for 4 s
+        script.write_text(f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\n"
+                          "import tinydistil\nfrom common import UserError\n"
+                          "dist = tinydistil.start_processes('cpu', 0.02)\n"
+                          "time.sleep(4 if dist.rank == 0 else 0)\ntry:\n"
+                          "    tinydistil.wait_for_everyone(dist, 0.02)\n"
+                          "except UserError as e:  # as main() prints it\n"
+                          "    print(f'error: {e}', file=sys.stderr)\n    sys.exit(1)\n")
+        port = closed_port()
+        procs = [subprocess.Popen([sys.executable, str(script)], env=ddp_env(r, port),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for r in (0, 1)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert procs[1].returncode == 1, errors[1]
+        assert errors[1].startswith("error: rank 1 waited --ddp-timeout 0.02 minutes for the "
+                                    "other processes") and "Traceback" not in errors[1]
+
+    def test_bench_says_cuda_batch_1_rows_are_launch_bound(self):
+        rows = [{"model": "m", "device": device, "dtype": "float32", "params_m": 1.0,
+                 "seconds": 1.0, "ms_per_example": 1.0, "random_weights": False}
+                for device in ("cpu", "cuda")]
+        assert "launch-bound" in bench.table(rows, 1, "pairs", 1, ("m", "m"))
+        assert "launch-bound" not in bench.table(rows[:1], 1, "pairs", 1, ("m", "m"))
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestCuda:
+    """The CUDA paths themselves, skipped without a GPU; scripts/gpu_check.sh runs them with the
+    rest of this file on a GPU, then the same paths at full size."""
+
+    def test_bfloat16_detection(self):
+        major, _ = torch.cuda.get_device_capability()
+        assert tinydistil.has_bfloat16_matmul(CUDA) == (major >= 8)
+
+    def test_pretrain_bfloat16_preempted_and_resumed(self, tmp_path, corpus, monkeypatch,
+                                                     capsys):
+        cfg = pretrain_config(tmp_path, corpus, max_steps=6, save_every=100, log_every=1,
+                              device="cuda", dtype="bfloat16", teacher_dtype="bfloat16")
+        pretrain(replace(cfg, out=str(tmp_path / "full")))
+        preempted_run(cfg, monkeypatch, after_step=3)
+        pretrain(replace(cfg, resume=True))
+        out = capsys.readouterr().out
+        assert "TF32" in out and "at step 3" in out and "not bit for bit" not in out
+        a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "out")
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        print("max difference, resumed vs uninterrupted, CUDA:", diff)
+        assert diff < 1e-3
+
+    def test_a_cpu_checkpoint_resumes_on_cuda(self, tmp_path, corpus, monkeypatch, capsys):
+        cfg = pretrain_config(tmp_path, corpus, max_steps=4, save_every=100, log_every=1)
+        preempted_run(cfg, monkeypatch)
+        pretrain(replace(cfg, resume=True, device="cuda"))
+        assert "--resume on cuda from a checkpoint made on cpu" in capsys.readouterr().out
+
+    def test_no_sync_in_the_loop_by_cudas_own_count(self, tmp_path):
+        count_syncs = load_script("count_syncs")
+        result = count_syncs.count(count_syncs.tiny_config(tmp_path, "cuda"))
+        print("syncs per step:", result)
+        assert result["steps"] == [0, 0, 1, 0, 0, 1], result["what"]
+        assert max(result["cuda_steps"]) <= 2, result
+
+    def test_eval_on_cuda(self, finetune_data, tmp_path):
+        line = run_tiny(finetune_data, tmp_path, "sst2", epochs=8, lr=3e-3, device="cuda")
+        assert line["config"]["device"] == "cuda" and line["metrics"]["accuracy"] >= 0.9
+
+    @pytest.mark.usefixtures("bench_offline")
+    def test_bench_cuda_rows_and_the_pretrain_step(self, tmp_path, capsys):
+        rows = run_json(tmp_path, "--models", TINY_BERT, "--limit", "3", "--device", "cuda")
+        assert [(r["device"], r["dtype"]) for r in rows] == [
+            ("cuda", "float32"), ("cuda", "float16"), ("cuda", "bfloat16")]
+        assert "launch-bound" in capsys.readouterr().out
+        result = bench.time_distillation_steps(bench.BenchConfig(
+            pretrain_step=True, batch_size=2, seq_len=16, steps=1, device="cuda"))
+        assert result["peak_gpu_mib"] > 0 and "peak_rss_mib" not in result
+
+    @pytest.mark.slow
+    def test_ddp_nccl(self, tmp_path, corpus):
+        n, out = min(2, torch.cuda.device_count()), tmp_path / "ddp"
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={n}", str(ROOT / "tinydistil.py"), "pretrain",
+                            "--teacher", TEACHER, "--data", str(corpus),
+                            "--data-dir", str(tmp_path / "data"), "--n-layer", "1",
+                            "--batch-size", "4", "--seq-len", "32", "--max-steps", "4",
+                            "--log-every", "2", "--out", str(out), "--device", "cuda"],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert [line["step"] for line in train_log(out)] == [2, 4]

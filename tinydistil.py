@@ -17,6 +17,7 @@ dataclass; `--help` lists them with defaults.
 """
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from common import (LOCK_FILE, FolderLock, UserError, add_dataclass_args, append_line, atomic_write,
                     check_free_space, check_output_file, has_bfloat16_matmul, lr_factor,
-                    os_error_line, pick_device, sync, warmup_steps, write_error)
+                    os_error_line, pick_device, sync, use_tf32, warmup_steps, write_error)
 
 
 # ----------------------------------------------------------------------------- config and recipes
@@ -75,6 +76,7 @@ class PretrainConfig:
     overwrite: bool = False              # replace an earlier tinydistil run in --out
     seed: int = 56                       # the reference's seed
     device: str = "auto"                 # auto (cuda if present), cpu, cuda, cuda:1, ...
+    ddp_timeout: float = 360.0           # minutes DDP ranks wait for rank 0 to prepare the corpus
 
 
 # What a field left at None becomes. "paper" is the reference's training_configs + train.py: 2,000
@@ -223,14 +225,43 @@ class StudentForDistillation(nn.Module):
 
     def forward(self, input_ids, attention_mask, real, logit_rows):
         out = self.student(input_ids, attention_mask, return_logits=False)
-        hidden = out.hidden_states[-1][real]  # (N, H): padding is not text, no loss reads it
+        hidden = out.hidden_states[-1].flatten(0, 1)[real]  # (N, H): padding is not text
         logits = self.student.mlm_logits(hidden[logit_rows]) if logit_rows is not None else None
         return hidden, logits  # logits (rows, V)
 
 
+@dataclass
+class Batch:
+    """A masked micro-batch on the device, with the rows the losses read. The rows are found on the
+    host, where collate and mask_batch made the batch: selecting them on a GPU by a boolean mask
+    would make the CPU wait for the GPU (to learn how many rows) several times a micro-batch."""
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: Optional[torch.Tensor]  # (B, T), or None when no row is padded
+    real: torch.Tensor  # (N,) positions of the real (non-pad) tokens in the flattened (B*T) batch
+    predicted: torch.Tensor  # (M,) which of those N rows the MLM predicts
+    labels: torch.Tensor  # (M,) their original ids
+    n_tokens: int  # N, known on the host
+
+
+def to_device(input_ids, attention_mask, labels, device: torch.device) -> Batch:
+    """The host's masked micro-batch (collate, mask_batch) on the device. Without padding there
+    is no attention mask at all, so SDPA may pick its flash kernel. Copies from pinned memory do
+    not block the host (non_blocking)."""
+    real = attention_mask.flatten().nonzero().squeeze(1)  # (N,)
+    real_labels = labels.flatten()[real]  # (N,) the original id where the MLM predicts, else -100
+    predicted = (real_labels != -100).nonzero().squeeze(1)  # (M,)
+    padded = len(real) < attention_mask.numel()
+
+    def move(t):
+        t = t.pin_memory() if device.type == "cuda" else t
+        return t.to(device, non_blocking=True)
+    return Batch(move(input_ids), move(attention_mask) if padded else None, move(real),
+                 move(predicted), move(real_labels[predicted]), len(real))
+
+
 # ------------------------------------------------------------------------ the loss of one batch
 
-def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, dtypes):
+def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
     """The paper's training loss on one masked micro-batch: alpha_ce * L_ce + alpha_mlm * L_mlm
     + alpha_cos * L_cos (5, 2, 1), every term over the N real (non-pad) tokens. Returns (loss,
     {term: value}). dtypes = (teacher dtype, student dtype) on the autocast device.
@@ -243,13 +274,12 @@ def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, 
     only; with both off, none. The teacher's logits are computed only for L_ce.
     """
     from losses import L_ce, L_cos, L_mlm, total_loss
-    (t_dtype, s_dtype), device = dtypes, input_ids.device.type
-    real = attention_mask.bool()  # (B, T)
-    labels = labels[real]  # (N,) the original id where the MLM predicts, else -100
-    predicted = labels != -100  # (N,)
+    (t_dtype, s_dtype), device = dtypes, batch.input_ids.device.type
+    input_ids, attention_mask, real, predicted = (batch.input_ids, batch.attention_mask,
+                                                  batch.real, batch.predicted)
     with torch.no_grad(), torch.autocast(device, t_dtype, enabled=t_dtype != torch.float32):
         t_out = teacher(input_ids, attention_mask, return_logits=False)
-        t_hidden = t_out.hidden_states[-1][real]  # (N, H)
+        t_hidden = t_out.hidden_states[-1].flatten(0, 1)[real]  # (N, H)
         t_logits = teacher.mlm_logits(t_hidden) if cfg.alpha_ce > 0 else None  # (N, V)
     if cfg.alpha_ce > 0:
         logit_rows = slice(None)
@@ -262,7 +292,7 @@ def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, 
         terms["ce"] = L_ce(s_logits, t_logits, cfg.temperature)
         s_logits = s_logits[predicted]  # from here on, the predicted rows only
     if cfg.alpha_mlm > 0:
-        terms["mlm"] = L_mlm(s_logits, labels[predicted])
+        terms["mlm"] = L_mlm(s_logits, batch.labels)
     if cfg.alpha_cos > 0:
         terms["cos"] = L_cos(s_hidden, t_hidden.float())
     weights = {"ce": cfg.alpha_ce, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos}
@@ -274,7 +304,8 @@ def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, 
 RUN_MARKER = "tinydistil-run.json"  # marks --out as ours: --overwrite replaces only our own files
 RUN_FILES = (RUN_MARKER, "checkpoints", "train_log.jsonl", "train_log.svg", "model.safetensors",
              "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json")
-RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device", "data_dir"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device", "data_dir",
+                     "ddp_timeout"}
 
 
 class claim_out_dir:
@@ -382,12 +413,13 @@ def save_checkpoint(out: Path, student, opt, step, data_position, mask_gen, cfg,
     """checkpoints/step-N/ (the student + train_state.pt) is written under a temporary name and
     renamed when complete, then checkpoints/latest points at it: a kill at any moment leaves the
     previous checkpoint whole. The student is also saved at the top of --out for `eval`."""
+    device = dist.device  # dropout on a GPU draws from the device's generator; masking on the host
     rng = {"torch": [torch.get_rng_state()], "mask": [mask_gen.get_state()],
-           "cuda": [torch.cuda.get_rng_state(mask_gen.device) if mask_gen.device.type == "cuda"
-                    else None]}
+           "cuda": [torch.cuda.get_rng_state(device) if device.type == "cuda" else None],
+           "device": [device.type]}
     if dist.world > 1:  # every rank has its own dropout and masking streams
         gathered = [None] * dist.world
-        torch.distributed.all_gather_object(gathered, rng)
+        torch.distributed.all_gather_object(gathered, rng, group=dist.host)
         rng = {k: [g[k][0] for g in gathered] for k in rng}
     if dist.rank != 0:
         return
@@ -432,7 +464,9 @@ def read_checkpoint(cfg, out: Path, world: int) -> dict:
     """The last complete checkpoint's train_state, after checking it belongs to this very run."""
     ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     try:
-        state = torch.load(ckpt / "train_state.pt", weights_only=False)
+        # On the host whatever device saved it: restore_checkpoint moves the optimizer's state
+        # to this run's device (another GPU, the CPU), and no rank fills GPU 0 with rank 0's.
+        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
         raise UserError(f"--resume: cannot read {ckpt / 'train_state.pt'} ({e})") from None
     saved = state["config"]
@@ -448,21 +482,48 @@ def read_checkpoint(cfg, out: Path, world: int) -> dict:
     return {**state, "dir": ckpt}
 
 
-def restore_checkpoint(state, student, opt, mask_gen, rank, out: Path, master: bool):
+def restore_checkpoint(state, student, opt, mask_gen, dist, seed: int, out: Path, master: bool):
     """Weights, optimizer, random streams and data position of a checkpoint: the run continues
-    bit for bit as if never stopped. Log lines written after the checkpoint are dropped."""
+    bit for bit as if never stopped (on CUDA, see the README). Log lines written after the
+    checkpoint are dropped. Returns (step, data position, a line to show or "")."""
     from model import BERT
     student.load_state_dict(BERT.from_pretrained(str(state["dir"])).state_dict())
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"][rank])
-    if mask_gen.device.type == "cuda":  # dropout on the GPU draws from the device's generator
-        torch.cuda.set_rng_state(state["rng"]["cuda"][rank], mask_gen.device)
-    mask_gen.set_state(state["rng"]["mask"][rank])
+    opt.load_state_dict(state.pop("optimizer"))  # its tensors go to the parameters' device
+    note = restore_random_streams(state["rng"], dist.rank, dist.device, mask_gen, seed,
+                                  state["step"])
     log_path = out / "train_log.jsonl"
     if master and log_path.is_file():
         kept = [row for row in read_train_log(log_path) if row["step"] <= state["step"]]
         atomic_write(log_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
-    return state["step"], state["data_position"]
+    return state["step"], state["data_position"], note
+
+
+def restore_random_streams(rng: dict, rank: int, device: torch.device, mask_gen, seed: int,
+                           step: int) -> str:
+    """The host's stream and masking's (a host generator) carry over from any device. Dropout on
+    a GPU draws from the GPU's generator, which carries over between GPUs; but a CPU's and a GPU's
+    streams are different generators, so resuming across the two continues dropout on this
+    device's stream (on a GPU, seeded from --seed and the step) and returns a line saying so."""
+    saved = rng.get("device", [None])[rank] or ("cpu" if rng["cuda"][rank] is None else "cuda")
+    torch.set_rng_state(rng["torch"][rank])
+    note = ""
+    if "device" in rng or saved == "cpu":  # before "device" was saved, masking ran on the device
+        mask_gen.set_state(rng["mask"][rank])
+    else:
+        mask_gen.manual_seed(1_000_003 * (seed + 1) + rank + 7919 * step)
+        note = ("the masking stream (saved by a GPU's generator) is reseeded from --seed and "
+                "the step")
+    if saved == device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"][rank], device)
+    elif saved != device.type:
+        if device.type == "cuda":
+            torch.cuda.manual_seed(1_000_003 * (seed + rank) + step)
+        note = (f"--resume on {device.type} from a checkpoint made on {saved}: the weights, the "
+                f"optimizer, the data position{'' if note else ' and the masking stream'} carry "
+                f"over, dropout draws from {device.type}'s own random stream (it cannot carry "
+                f"over between a CPU and a GPU), so the run continues, not bit for bit"
+                + (f"; {note}" if note else ""))
+    return note
 
 
 # ------------------------------------------------------------------------ processes, signals, logs
@@ -472,10 +533,14 @@ class Distributed:
     rank: int
     world: int
     device: torch.device
+    host: object = None  # a gloo group of the same processes, for what happens on the host
 
 
-def start_processes(device_name: str) -> Distributed:
-    """DDP when launched by torchrun (one process per GPU: nccl; on CPU: gloo), else one process."""
+def start_processes(device_name: str, timeout_minutes: float = 360.0) -> Distributed:
+    """DDP when launched by torchrun (one process per GPU: nccl; on CPU: gloo), else one process.
+    Beside it a gloo group for the host's own waits, which never wait for a GPU: the ranks waiting
+    for rank 0 to prepare the data (with its own timeout: a large corpus takes longer than NCCL's
+    10 minutes), the SIGTERM flag, the random states gathered for a checkpoint."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Distributed(0, 1, pick_device(device_name))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -483,12 +548,25 @@ def start_processes(device_name: str) -> Distributed:
     if device.type == "cuda":  # NCCL and all_gather_object use the current device: one GPU per rank
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world, device)
+    host = torch.distributed.new_group(backend="gloo",
+                                       timeout=datetime.timedelta(minutes=timeout_minutes))
+    return Distributed(rank, world, device, host)
+
+
+def wait_for_everyone(dist: Distributed, timeout_minutes: float):
+    """A barrier on the host group: one line if a rank waited past --ddp-timeout."""
+    try:
+        torch.distributed.barrier(group=dist.host)
+    except RuntimeError as e:  # gloo's timeout (DistBackendError is a RuntimeError)
+        raise UserError(f"rank {dist.rank} waited --ddp-timeout {timeout_minutes:g} minutes for "
+                        f"the other processes (rank 0 loads the teacher and tokenises the corpus "
+                        f"first): give a longer --ddp-timeout ({str(e).splitlines()[0]})") from None
 
 
 def stop_processes(dist: Distributed):
     if dist.world > 1:  # rank 0 may still be saving; tearing gloo down under it aborts the others
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=dist.host)
+    if dist.host is not None:  # torchrun, one process or more
         torch.distributed.destroy_process_group()
 
 
@@ -510,8 +588,8 @@ class StopSignal:
     def agreed(self, dist: Distributed) -> bool:
         if dist.world == 1:
             return self.received
-        flag = torch.tensor([float(self.received)], device=dist.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        flag = torch.tensor([float(self.received)])  # on the host: the GPU's queue runs on
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=dist.host)
         return bool(flag.item())
 
     def restore(self):
@@ -527,7 +605,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
     if dtype == torch.bfloat16 and not has_bfloat16_matmul(device):
         return None
     if (device, dtype) not in _PEAKS:
-        n = 4096 if device.type == "cuda" else 2048
+        n = 8192 if device.type == "cuda" else 2048  # a GPU runs 4096 in 0.2 ms: timer-bound
         numbers = torch.Generator(device).manual_seed(0)  # not the global stream: resume replays it
         a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=numbers) for _ in range(2))
         best = float("inf")
@@ -572,8 +650,8 @@ class TrainLog:
     def add(self, loss, terms, n_tokens: int, seq_len: int):
         """After each micro-batch: its loss terms (a step's is the mean of its micro-batches'; a
         log line shows the mean over its steps), tokens and FLOPs."""
-        for name, value in {"loss": loss, **terms}.items():
-            step_share = value.item() / self.cfg.grad_accum
+        for name, value in {"loss": loss, **terms}.items():  # summed on the device, read per line
+            step_share = value.detach() / self.cfg.grad_accum
             self.loss_sums[name] = self.loss_sums.get(name, 0.0) + step_share
         self.tokens += n_tokens * self.dist.world
         with_head = self.cfg.alpha_ce > 0
@@ -581,16 +659,20 @@ class TrainLog:
             flops = passes * n_tokens * flops_per_token(model.config, seq_len, with_head)
             self.seconds_at_peak += flops / peak if peak else float("nan")
 
-    def step(self, step: int, lr: float, grad_norm: float):
+    def step(self, step: int, lr: float, grad_norm: torch.Tensor):
         self.bar.update()
         if step % self.cfg.log_every and step != self.total:
             return
+        # The one read of the device per log line (each .item() in the loop would stall it).
+        names = list(self.loss_sums)
+        values = torch.stack([self.loss_sums[k] for k in names] + [grad_norm.float()]).tolist()
+        grad_norm, sums = values.pop(), dict(zip(names, values))
         sync(self.dist.device)
         seconds, n_steps = time.perf_counter() - self.t0, step - self.logged_at
         ms = 1000 * seconds / n_steps
         self.peak_scale = max(self.peak_scale, self.seconds_at_peak / seconds)  # never above 100%
         mfu = self.seconds_at_peak / seconds / self.peak_scale
-        means = {k: self.loss_sums.get(k, 0.0) / n_steps for k in ("loss", "ce", "mlm", "cos")}
+        means = {k: sums.get(k, 0.0) / n_steps for k in ("loss", "ce", "mlm", "cos")}
         rec = {"step": step, "loss": means["loss"], "loss_ce": means["ce"],
                "loss_mlm": means["mlm"], "loss_cos": means["cos"], "lr": lr,
                "grad_norm": grad_norm, "ms_per_step": ms,
@@ -641,7 +723,7 @@ def load_data(cfg, teacher, dist):
             seqs = load_corpus(cfg.data, tok, data_dir(cfg.data_dir),
                                data_fraction=cfg.data_fraction, seq_len=cfg.seq_len)
         if dist.world > 1:
-            torch.distributed.barrier()
+            wait_for_everyone(dist, cfg.ddp_timeout)
     probs = token_probs(seqs, teacher.config.vocab_size, ids.values(), cfg.mlm_smoothing)
     batches = Batches(seqs.lengths, cfg.batch_size, cfg.seed, dist.rank, dist.world)
     if dist.rank == 0:
@@ -665,7 +747,7 @@ def pretrain(cfg: PretrainConfig):
     """Distil a student from cfg.teacher (paper sections 2 and 3) into cfg.out; return it."""
     from data import WIKITEXT, corpus_files, data_dir
     from model import configure_optimizers
-    dist = start_processes(cfg.device)
+    dist = start_processes(cfg.device, cfg.ddp_timeout)
     cfg = resolve_recipe(cfg, dist.world, dist.device)
     check_config(cfg)
     out, master = Path(cfg.out), dist.rank == 0
@@ -676,6 +758,8 @@ def pretrain(cfg: PretrainConfig):
         if cfg.data not in WIKITEXT:  # a missing corpus path fails before the teacher loads
             corpus_files(cfg.data, None)
         echo(describe_recipe(cfg, dist.world))
+        if tf32 := use_tf32(dist.device):
+            echo(tf32)
         torch.manual_seed(cfg.seed + dist.rank)  # dropout (and a random student) differ per rank
         random.seed(cfg.seed)
 
@@ -707,17 +791,22 @@ def pretrain(cfg: PretrainConfig):
         if dist.world > 1:  # with L_ce and L_mlm both off, the MLM head gets no gradient
             model = nn.parallel.DistributedDataParallel(
                 model, find_unused_parameters=cfg.alpha_ce == cfg.alpha_mlm == 0)
-        # Masking draws from its own random stream, apart from dropout's.
-        mask_gen = torch.Generator(dist.device).manual_seed(1_000_003 * (cfg.seed + 1) + dist.rank)
+        # Masking draws from its own random stream, apart from dropout's, on the host (the same
+        # masks on any device).
+        mask_gen = torch.Generator().manual_seed(1_000_003 * (cfg.seed + 1) + dist.rank)
         step, data_position = 0, (0, 0)
         if state is not None:
-            step, data_position = restore_checkpoint(state, student, opt, mask_gen, dist.rank, out,
-                                                     master)
-            echo(f"resumed from {state['dir']} at step {step}")
+            step, data_position, note = restore_checkpoint(state, student, opt, mask_gen, dist,
+                                                           cfg.seed, out, master)
+            echo(f"resumed from {state['dir']} at step {step}" + (f"; {note}" if note else ""))
         if master:
             check_checkpoint_space(out, student)
         run = Run(cfg, teacher, model, opt, corpus, mask_gen, dtypes, dist, total_steps)
-        distil(run, step, data_position)
+        try:
+            distil(run, step, data_position)
+        except Preempted:  # every rank saved its part: leave together, after rank 0's writing
+            stop_processes(dist)
+            raise
         echo(f"saved the student to {out}; fine-tune it with: "
              f"python tinydistil.py eval sst2 --model {out}")
         stop_processes(dist)
@@ -749,25 +838,25 @@ def distil(run: Run, step: int, data_position: tuple):
     stop = StopSignal()
     try:
         while step < run.total_steps:
-            # Micro-batches, each masked afresh (dynamic masking, as RoBERTa and the paper); DDP
-            # averages the gradients over processes once, on the last one.
+            # Micro-batches, each masked afresh (dynamic masking, as RoBERTa and the paper) on the
+            # host, then copied to the device; DDP averages the gradients over processes once, on
+            # the last one.
             for micro in range(cfg.grad_accum):
                 epoch, batch_index, idx = next(stream)
-                input_ids, attention_mask = (t.to(dist.device) for t in collate(corpus.seqs, idx,
-                                                                                 corpus.ids["pad"]))
+                input_ids, attention_mask = collate(corpus.seqs, idx, corpus.ids["pad"])
                 input_ids, labels = mask_batch(input_ids, attention_mask, corpus.probs,
                                                corpus.ids["mask"], run.teacher.config.vocab_size,
                                                run.mask_gen, cfg.mlm_mask_prop)
+                batch = to_device(input_ids, attention_mask, labels, dist.device)
                 with no_sync(run.model, micro < cfg.grad_accum - 1):
-                    loss, terms = distillation_loss(run.teacher, run.model, input_ids,
-                                                    attention_mask, labels, cfg, run.dtypes)
+                    loss, terms = distillation_loss(run.teacher, run.model, batch, cfg, run.dtypes)
                     (loss / cfg.grad_accum).backward()
-                log.add(loss, terms, int(attention_mask.sum()), input_ids.shape[1])
+                log.add(loss, terms, batch.n_tokens, input_ids.shape[1])
             # The update: the lr warms up then decays linearly; the gradient norm is clipped.
             lr = cfg.lr * lr_factor(step, run.total_steps, warmup)
             for group in run.opt.param_groups:
                 group["lr"] = lr
-            grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm).item()
+            grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             run.opt.step()
             run.opt.zero_grad(set_to_none=True)
             step += 1
@@ -779,9 +868,9 @@ def distil(run: Run, step: int, data_position: tuple):
                 save_checkpoint(Path(cfg.out), student, run.opt, step, (epoch, batch_index + 1),
                                 run.mask_gen, cfg, dist)
                 log.pause(time.perf_counter() - t_save)
-            if stopping and step < run.total_steps:
+            if stopping and step < run.total_steps:  # what to do is said once, by rank 0
                 raise Preempted(f"stopped by SIGTERM after step {step}, saved in {cfg.out}; "
-                                f"continue with: {resume_command()}")
+                                f"continue with: {resume_command()}" if dist.rank == 0 else "")
     finally:
         stop.restore()
         log.bar.close()
@@ -881,7 +970,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Preempted as e:
-        print(str(e), file=sys.stderr)
+        if str(e):
+            print(str(e), file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except OSError as e:  # a failing disk where no caller expected one: still one line
         print(f"error: {os_error_line(e)}", file=sys.stderr)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import data
 from common import (FolderLock, UserError, append_line, check_output_file, has_bfloat16_matmul,
-                    looks_like_path, lr_factor, pick_device, warmup_steps)
+                    looks_like_path, lr_factor, pick_device, use_tf32, warmup_steps)
 from losses import total_loss
 from model import BERT, configure_optimizers
 from tasks import distill, glue, imdb, squad
@@ -351,6 +351,8 @@ def run(cfg: EvalConfig) -> dict:
     """Fine-tune cfg.model on cfg.task (with --seeds, once per seed), score it, append the results
     line and return it. task "glue" runs the nine GLUE tasks and returns {task: line}."""
     check_config(cfg)
+    if tf32 := use_tf32(pick_device(cfg.device)):
+        print(tf32)
     with FolderLock(cfg.out) if cfg.out else contextlib.nullcontext():  # one eval per --out
         return _run_tasks(cfg)
 
