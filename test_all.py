@@ -26,6 +26,9 @@ One class per source module, in the order of the README's layout:
     TestReport    tasks/report.py: Tables 1 and 2. Paper section 4.1.
     TestBench     bench.py: the table and JSON, precision modes against float32, the speed-up
                   column, the distillation-step timing; speed itself is never asserted. Table 3.
+    TestReadyForGPU  the CUDA paths' logic on the CPU: GPUs simulated, a checkpoint with CUDA
+                  location tags, gloo DDP timeouts, host-device syncs counted (scripts/count_syncs)
+    TestCuda      the CUDA paths on a GPU, skipped elsewhere (scripts/gpu_check.sh runs them)
 
 Nothing is downloaded and nothing outside the repository is read (no shared data sets): models,
 tokenizers and datasets are the small real-format files under fixtures/ (fixtures/tasks/README.md
