@@ -1,6 +1,6 @@
 """test_all.py: the tests of tinydistil, all in this one file. Offline, CPU only.
 
-    python -m pytest -q test_all.py                # all of it, 60 to 70 s on 2 cores (.ci/run)
+    python -m pytest -q test_all.py                # all of it, about 100 s on 2 cores (.ci/run)
     python -m pytest -q test_all.py -m "not slow"  # without the slow tests: about 30 s
     python -m pytest -q test_all.py -k TestSquad   # one module's tests (-k matches name parts)
 
@@ -29,6 +29,9 @@ One class per source module, in the order of the README's layout:
     TestFailures  a full or read-only disk (a small tmpfs, root only), a second run and concurrent
                   appends (real processes), stale locks, inputs past the model, environment folders
     TestSvg       svg.py: train_log.svg and report --svg, parsed back against what they drew
+    TestReadyForGPU  the CUDA paths' logic on the CPU: GPUs simulated, a checkpoint with CUDA
+                  location tags, gloo DDP timeouts, host-device syncs counted (scripts/count_syncs)
+    TestCuda      the CUDA paths on a GPU, skipped elsewhere (scripts/gpu_check.sh runs them)
 
 Nothing is downloaded and nothing outside the repository is read (no shared data sets): models,
 tokenizers and datasets are the small real-format files under fixtures/ (fixtures/tasks/README.md
