@@ -475,6 +475,7 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
         raise UserError("--pretrain-step takes --dtypes float32 or bfloat16 and positive "
                         "--batch-size, --seq-len and --steps")
     pcfg = tinydistil.resolve_recipe(tinydistil.PretrainConfig(dtype=dtype), 1, device)
+    pcfg = tinydistil.resolve_losses(pcfg, mlm_head=True)  # the paper's loss: bert-base's head
     torch.manual_seed(0)
     teacher = BERT(BertConfig.preset("bert-base-uncased"))
     student, _ = tinydistil.init_student(teacher, 6, train_positions=False)

@@ -120,6 +120,32 @@ def L_cos(s_hidden, t_hidden):
     return F.cosine_embedding_loss(s, t, s.new_ones(s.size(0)))
 
 
+def L_hid(s_states, t_states):
+    """Cosine loss on the hidden states of the layers below the last, K pairs of (N, H) rows: each
+    student layer against the teacher layer it was copied from (TinyBERT's and MiniLM's hidden-state
+    matching, with DistilBERT's cosine in place of their MSE):
+
+        L_hid = (1/K) * sum_k L_cos(s_states[k], t_states[k])
+    """
+    return sum(L_cos(s, t) for s, t in zip(s_states, t_states)) / len(s_states)
+
+
+def L_pool(s_hidden, t_hidden, attention_mask):
+    """Cosine loss between the sentence embeddings of student and teacher, B sequences of (B, T, H)
+    last hidden states with their (B, T) attention mask:
+
+        e_b = sum_t m_bt h_bt / sum_t m_bt       (the mean over the real tokens)
+        L_pool = (1/B) * sum_b (1 - <e^s_b, e^t_b> / (|e^s_b| |e^t_b|))
+
+    The embedding sentence-transformers (mean pooling) and `eval --zero-shot` read; its MSE
+    distillation of the normalised embeddings is this loss times 2/H.
+    """
+    m = attention_mask.float()[..., None]  # (B, T, 1)
+    s = (s_hidden.float() * m).sum(1) / m.sum(1)  # (B, H)
+    t = (t_hidden.float() * m).sum(1) / m.sum(1)  # (B, H)
+    return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
 def total_loss(terms, weights):
     """sum_k weights[k] * terms[k] over the given terms (weights: {"ce": 5, "mlm": 2, "cos": 1})."""
     return sum(weights[k] * v for k, v in terms.items())

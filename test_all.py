@@ -1928,11 +1928,12 @@ class TestPretrain:
         for world, accum in ((1, 400), (2, 200), (8, 50)):
             cfg = tinydistil.resolve_recipe(PretrainConfig(recipe="paper"), world, CPU)
             assert cfg.grad_accum == accum and cfg.batch_size * cfg.grad_accum * world == 2000
-        line = tinydistil.describe_recipe(tinydistil.resolve_recipe(PretrainConfig(), 1, CPU), 1)
+        cfg = tinydistil.resolve_losses(tinydistil.resolve_recipe(PretrainConfig(), 1, CPU), True)
+        line = tinydistil.describe_recipe(cfg, 1)
         assert line.startswith("recipe small: 16 sequences per step") and "--recipe paper" in line
 
     def test_teacher_dtype_auto_follows_the_hardware(self):
-        cfg = tinydistil.resolve_recipe(PretrainConfig(), 1, CPU)
+        cfg = tinydistil.resolve_losses(tinydistil.resolve_recipe(PretrainConfig(), 1, CPU), True)
         native = tinydistil.has_bfloat16_matmul(CPU)
         assert cfg.teacher_dtype == ("bfloat16" if native else "float32")
         assert "teacher" in tinydistil.describe_recipe(cfg, 1)
@@ -2007,7 +2008,8 @@ class TestPretrain:
         probs = torch.ones(teacher.config.vocab_size)
         masked, labels = mask_batch(ids, mask, probs, 4, teacher.config.vocab_size,
                                     torch.Generator().manual_seed(0), 0.3)
-        cfg = PretrainConfig(alpha_ce=weights[0], alpha_mlm=weights[1], alpha_cos=weights[2])
+        cfg = tinydistil.resolve_losses(PretrainConfig(
+            alpha_ce=weights[0], alpha_mlm=weights[1], alpha_cos=weights[2]), mlm_head=True)
         loss, terms = tinydistil.distillation_loss(
             teacher, tinydistil.StudentForDistillation(student), masked, mask, labels, cfg,
             (torch.float32, torch.float32))
@@ -2072,10 +2074,11 @@ class TestPretrain:
         for k, v in expected.state_dict().items():
             assert torch.equal(saved.state_dict()[k], v), k
 
-    def test_zero_weight_skips_a_term_and_encoder_teacher_needs_alpha_ce_0(self, tmp_path, corpus):
+    def test_zero_weight_skips_a_term_and_encoder_teacher_refuses_alpha_ce(self, tmp_path, corpus):
         encoder = str(MODELS / "tiny-bert-encoder")
-        with pytest.raises(UserError, match="no MLM head.*--alpha-ce 0"):
-            pretrain(pretrain_config(tmp_path, corpus, teacher=encoder))
+        with pytest.raises(UserError, match="--alpha-ce 5.0: .* has no MLM head.*leave --alpha-ce"):
+            pretrain(pretrain_config(tmp_path, corpus, teacher=encoder, alpha_ce=5.0))
+        assert not (tmp_path / "out").exists()
         pretrain(pretrain_config(tmp_path, corpus, teacher=encoder, alpha_ce=0.0, alpha_mlm=0.0,
                                  max_steps=2))
         log = train_log(tmp_path / "out")
@@ -3351,3 +3354,92 @@ class TestBench:
         with pytest.raises(SystemExit):
             bench.main(["--pretrain-step", "--dtypes", "int8"])
         assert "--pretrain-step takes --dtypes float32 or bfloat16" in capsys.readouterr().err
+
+
+class TestHeadlessTeacher:
+    """Issue 17: a teacher without an MLM head (a sentence encoder) gets its own loss recipe,
+    LOSSES["no mlm head"]; one with a head keeps the paper's 5/2/1; a flag given always wins."""
+
+    ENCODER = str(MODELS / "tiny-bert-encoder")
+
+    def test_the_teacher_decides_the_losses_and_given_flags_win(self):
+        given = PretrainConfig(alpha_cos=3.0)
+        headed, headless = (tinydistil.resolve_losses(given, head) for head in (True, False))
+        assert (headed.alpha_ce, headed.alpha_mlm, headed.alpha_cos, headed.mlm_mask_prop) == \
+            (5.0, 2.0, 3.0, 0.15)
+        for k, v in tinydistil.LOSSES["no mlm head"].items():
+            assert getattr(headless, k) == (3.0 if k == "alpha_cos" else v), k
+        assert tinydistil.LOSSES["no mlm head"]["alpha_ce"] == 0
+        explicit = tinydistil.resolve_losses(PretrainConfig(alpha_ce=0.0, alpha_mlm=2.0,
+                                                            mlm_mask_prop=0.15), False)
+        assert (explicit.alpha_ce, explicit.alpha_mlm, explicit.mlm_mask_prop) == (0, 2.0, 0.15)
+        with pytest.raises(UserError, match="--alpha-ce 1.0: .* no MLM head"):
+            tinydistil.resolve_losses(PretrainConfig(alpha_ce=1.0), False)
+        with pytest.raises(UserError, match="--mlm-mask-prop 0 masks nothing"):
+            tinydistil.resolve_losses(PretrainConfig(alpha_mlm=2.0, mlm_mask_prop=0.0), False)
+        with pytest.raises(UserError, match="not all 0"):
+            tinydistil.resolve_losses(PretrainConfig(alpha_cos=0.0, alpha_hid=0.0,
+                                                     alpha_pool=0.0), False)
+
+    def test_headless_run_logs_and_saves_its_recipe(self, tmp_path, corpus, capsys):
+        pretrain(pretrain_config(tmp_path, corpus, teacher=self.ENCODER, max_steps=2))
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith("recipe small") and tinydistil.describe_losses(
+            tinydistil.resolve_losses(PretrainConfig(), False)) in first
+        state = torch.load(tmp_path / "out" / "checkpoints" / "step-2" / "train_state.pt",
+                           weights_only=False)
+        marker = json.loads((tmp_path / "out" / tinydistil.RUN_MARKER).read_text())
+        for k, v in tinydistil.LOSSES["no mlm head"].items():
+            assert state["config"][k] == marker["config"][k] == v, k
+        log = train_log(tmp_path / "out")
+        assert log[-1]["loss_ce"] == 0 and log[-1]["loss_mlm"] == 0
+        expected = sum(tinydistil.LOSSES["no mlm head"]["alpha_" + k] * log[-1]["loss_" + k]
+                       for k in ("cos", "hid", "pool"))
+        assert abs(log[-1]["loss"] - expected) < 1e-4
+
+    def test_headed_teacher_keeps_the_paper_loss(self, tmp_path, corpus, capsys):
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=2))
+        assert "loss 5 L_ce + 2 L_mlm + 1 L_cos, 15% of the tokens masked" in \
+            capsys.readouterr().out.splitlines()[0]
+        state = torch.load(tmp_path / "out" / "checkpoints" / "step-2" / "train_state.pt",
+                           weights_only=False)
+        for k, v in tinydistil.LOSSES["mlm head"].items():
+            assert state["config"][k] == v, k
+
+    def test_resume_compares_the_resolved_losses(self, tmp_path, corpus, capsys):
+        kw = dict(teacher=self.ENCODER, max_steps=4, save_every=2)
+        pretrain(pretrain_config(tmp_path, corpus, **kw))
+        with pytest.raises(UserError, match="--alpha-cos 1.0 not 2.0"):
+            pretrain(pretrain_config(tmp_path, corpus, **kw, resume=True, alpha_cos=2.0))
+        pretrain(pretrain_config(tmp_path, corpus, **kw, resume=True))  # the same defaults
+        assert "resumed from" in capsys.readouterr().out
+
+    def test_unmasked_input_is_the_text_itself(self):
+        ids = torch.randint(5, 100, (2, 9))
+        mask = torch.ones_like(ids)
+        masked, labels = mask_batch(ids, mask, torch.ones(100), 4, 100,
+                                    torch.Generator().manual_seed(0), 0.0)
+        assert torch.equal(masked, ids) and (labels == -100).all()
+
+    def test_hid_and_pool_equal_the_plain_formula(self):
+        teacher = BERT.from_pretrained(TEACHER)
+        torch.manual_seed(0)
+        student, _ = init_student(teacher, 2, how="random")
+        student.eval()
+        ids = torch.randint(5, teacher.config.vocab_size, (3, 12))
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        cfg = tinydistil.resolve_losses(PretrainConfig(alpha_cos=0.0, alpha_hid=2.0,
+                                                       alpha_pool=3.0), False)
+        loss, terms = tinydistil.distillation_loss(
+            teacher, tinydistil.StudentForDistillation(student), ids, mask,
+            torch.full_like(ids, -100), cfg, (torch.float32, torch.float32))
+        real = mask.bool()
+        t, s = teacher(ids, mask), student(ids, mask)
+        # layer_map(2, 2) = [0, 1]: student layer 0 against teacher layer 0, below the last
+        hid = (1 - F.cosine_similarity(s.hidden_states[1][real], t.hidden_states[1][real])).mean()
+        pooled = [(x.hidden_states[-1] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                  for x in (s, t)]
+        pool = (1 - F.cosine_similarity(*pooled)).mean()
+        assert set(terms) == {"hid", "pool"}
+        assert abs(loss.item() - (2 * hid + 3 * pool).item()) < 1e-5
