@@ -3356,6 +3356,121 @@ class TestBench:
         assert "--pretrain-step takes --dtypes float32 or bfloat16" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- tasks/zero_shot.py
+
+ZERO_SHOT_KEYS = {"task", "model", "zero_shot", "pooling", "metrics", "pairs", "seconds", "config"}
+
+
+def sentence_transformers_folder(tmp_path, pooling_flag="pooling_mode_mean_tokens", extra=()):
+    """tiny-distilbert with the files a sentence-transformers save adds: modules.json (Transformer,
+    Pooling, Normalize), 1_Pooling/config.json with pooling_flag on, sentence_bert_config.json."""
+    folder = tmp_path / "st-model"
+    shutil.copytree(MODELS / "tiny-distilbert", folder)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize"}, *extra]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    flags = {f: f == pooling_flag for f in ("pooling_mode_cls_token", "pooling_mode_mean_tokens",
+                                            "pooling_mode_max_tokens")}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                   **flags}))
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 48}')
+    return folder
+
+
+def direct_zero_shot(model_dir, data_dir, pooling):
+    """The score computed the plain way: each sentence alone (no padding), its pooled last hidden
+    state, cosines and Spearman (average ranks for ties) in numpy."""
+    model, tok = BERT.from_pretrained(str(model_dir)), data.load_tokenizer(model_dir)
+    pairs = glue.load("stsb", "dev", data_dir)
+
+    def vector(text):
+        with torch.no_grad():
+            h = model(torch.tensor([tok.encode(text).ids])).hidden_states[-1][0]  # (T, H)
+        return (h.mean(0) if pooling == "mean" else h[0]).double().numpy()
+
+    sims = []
+    for e in pairs:
+        a, b = vector(e.text_a), vector(e.text_b)
+        sims.append(a @ b / np.sqrt((a @ a) * (b @ b)))
+    gold = np.array([e.label for e in pairs])
+
+    def ranks(x):
+        x = np.asarray(x)
+        return np.array([(x < v).sum() + ((x == v).sum() + 1) / 2 for v in x])
+
+    return (np.corrcoef(ranks(sims), ranks(gold))[0, 1], np.corrcoef(sims, gold)[0, 1])
+
+
+@pytest.mark.usefixtures("tasks_offline")
+class TestZeroShot:
+    @pytest.mark.parametrize("pooling", ["mean", "cls"])
+    def test_equals_the_plain_computation(self, pooling, task_data, tmp_path):
+        line = run(EvalConfig(task="stsb", model=TINY_DISTILBERT, data_dir=str(task_data),
+                              zero_shot=True, pooling=pooling, batch_size=5,
+                              results=str(tmp_path / "r.jsonl")))
+        rho, r = direct_zero_shot(MODELS / "tiny-distilbert", task_data, pooling)
+        assert line["metrics"]["spearman"] == pytest.approx(rho, abs=1e-6)
+        assert line["metrics"]["pearson"] == pytest.approx(r, abs=1e-6)
+        assert set(line) == ZERO_SHOT_KEYS and line["zero_shot"] is True
+        assert line["pooling"] == pooling == line["config"]["pooling"] and line["pairs"] == 48
+        assert results_lines(tmp_path / "r.jsonl") == [line]
+
+    def test_deterministic_and_the_two_poolings_differ(self, task_data):
+        from tasks.zero_shot import zero_shot_sts
+        mean = zero_shot_sts(TINY_DISTILBERT, task_data)
+        assert mean == zero_shot_sts(TINY_DISTILBERT, task_data, "mean")  # bit for bit
+        other_batches = zero_shot_sts(TINY_DISTILBERT, task_data, "mean", batch_size=7)
+        assert other_batches["spearman"] == pytest.approx(mean["spearman"], abs=1e-6)
+        assert mean["pooling"] == "mean" and mean["max_seq_len"] == 64  # the model's positions
+        assert zero_shot_sts(TINY_DISTILBERT, task_data, "cls")["spearman"] != mean["spearman"]
+
+    def test_pooling_read_from_sentence_transformers_files(self, task_data, tmp_path):
+        from tasks.zero_shot import zero_shot_sts
+        folder = sentence_transformers_folder(tmp_path, "pooling_mode_cls_token")
+        declared = zero_shot_sts(str(folder), task_data)
+        assert declared["pooling"] == "cls" and declared["max_seq_len"] == 48
+        assert declared["spearman"] == zero_shot_sts(TINY_DISTILBERT, task_data, "cls")["spearman"]
+        assert zero_shot_sts(str(folder), task_data, "mean")["pooling"] == "mean"  # --pooling wins
+        (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+        with pytest.raises(UserError, match="pooling_mode_max_tokens is not one this scores"):
+            zero_shot_sts(str(folder), task_data)
+
+    @pytest.mark.parametrize("args, message", [
+        (["sst2", "--zero-shot"], "--zero-shot scores STS-B"),
+        (["stsb", "--zero-shot", "--pooling", "max"], "--pooling 'max': use mean or cls"),
+        (["stsb", "--pooling", "cls"], "--pooling is for --zero-shot"),
+        (["stsb", "--zero-shot", "--out", "x"], "--zero-shot trains nothing"),
+    ])
+    def test_bad_options_one_line(self, args, message, task_data, tmp_path, capsys):
+        with pytest.raises(SystemExit) as e:
+            tinydistil.main(["eval", *args, "--model", TINY_DISTILBERT, "--data-dir",
+                             str(task_data), "--results", str(tmp_path / "r.jsonl")])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and re.fullmatch(r"error: [^\n]+\n", err) and message in err
+        assert not (tmp_path / "r.jsonl").exists()
+
+    def test_report_shows_zero_shot_rows_apart(self, task_data, tmp_path):
+        results = tmp_path / "r.jsonl"
+        _write_results(results, [_line("out/student", "stsb", {"pearson": 0.5, "spearman": 0.4})])
+        for model in (TINY_DISTILBERT, TINY_BERT):
+            run(EvalConfig(task="stsb", model=model, data_dir=str(task_data), zero_shot=True,
+                           results=str(results)))
+        md = report.render(results, teacher=TINY_BERT)
+        assert set(report.latest(results)) == {"out/student"}  # fine-tuned rows only
+        zero_shot = md.split("## Zero-shot STS-B dev")[1]
+        rows = [r for r in zero_shot.splitlines() if r.startswith(f"| {MODELS}")]
+        assert len(rows) == 2 and all("| mean |" in r for r in rows)
+        lines = {(m, p): l for (m, p), l in report.zero_shot_rows(results).items()}
+        share = 100 * (lines[(TINY_DISTILBERT, "mean")]["metrics"]["spearman"]
+                       / lines[(TINY_BERT, "mean")]["metrics"]["spearman"])
+        assert rows[0].endswith(f"| {share:.1f} |") and rows[1].endswith("| - |")
+        assert "| out/student (ours) |" in md.split("## Zero-shot")[0]
+
+
 class TestHeadlessTeacher:
     """Issue 17: a teacher without an MLM head (a sentence encoder) gets its own loss recipe,
     LOSSES["no mlm head"]; one with a head keeps the paper's 5/2/1; a flag given always wins."""

@@ -43,7 +43,7 @@ from common import (UserError, has_bfloat16_matmul, looks_like_path, lr_factor, 
                     warmup_steps)
 from losses import total_loss
 from model import BERT, configure_optimizers
-from tasks import distill, glue, imdb, squad
+from tasks import distill, glue, imdb, squad, zero_shot
 from tasks.heads import TaskModel, task_head
 from tasks.metrics import accuracy
 
@@ -89,6 +89,8 @@ class EvalConfig:
     warmup: float = 0.1                       # fraction of the steps with linearly rising lr
     weight_decay: float = 0.01
     out: Optional[str] = None                 # save the model of --seed here (glue: DIR/<task>)
+    zero_shot: bool = False                   # stsb: score the encoder as it is (tasks/zero_shot.py)
+    pooling: Optional[str] = None             # zero-shot: mean or cls; None: the model's, else mean
 
 
 # ----------------------------------------------------------------------------- settings
@@ -350,6 +352,11 @@ def run(cfg: EvalConfig) -> dict:
     """Fine-tune cfg.model on cfg.task (with --seeds, once per seed), score it, append the results
     line and return it. task "glue" runs the nine GLUE tasks and returns {task: line}."""
     check_config(cfg)
+    if cfg.zero_shot:  # no training at all: the encoder's own sentence embeddings
+        zero_shot.check_config(cfg)
+        return zero_shot.run(cfg)
+    if cfg.pooling is not None:
+        raise UserError("--pooling is for --zero-shot: fine-tuning uses the task's head")
     if cfg.task != "glue":
         return _run_task(cfg)
     per_task = {t: replace(cfg, task=t, out=cfg.out and str(Path(cfg.out) / t),
