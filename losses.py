@@ -6,6 +6,10 @@ masked language modelling loss L_mlm, and a cosine embedding loss L_cos aligning
 (defaults 5.0 * L_ce + 2.0 * L_mlm + 1.0 * L_cos, as the reference train.py). The formulas follow
 the reference distiller.py. Every term is computed in float32, even under bfloat16 autocast.
 
+A teacher without an MLM head (a sentence encoder) has no soft targets for L_ce; two more terms
+serve it (tinydistil.LOSSES, studies/retention_sts.md): L_hid, the cosine loss on the layers below
+the last, and L_pool, the cosine loss on the mean-pooled sentence embedding.
+
 Section 4.1, "DistilBERT (D)": a second distillation during fine-tuning, from a teacher already
 fine-tuned on the task, as the reference run_squad_w_distillation.py. Its loss is
 (1 - alpha) * task loss + alpha * KD term, the KD term being L_ce_reference on the class logits,
