@@ -3499,8 +3499,9 @@ class TestHeadlessTeacher:
     def test_headless_run_logs_and_saves_its_recipe(self, tmp_path, corpus, capsys):
         pretrain(pretrain_config(tmp_path, corpus, teacher=self.ENCODER, max_steps=2))
         first = capsys.readouterr().out.splitlines()[0]
-        assert first.startswith("recipe small") and tinydistil.describe_losses(
-            tinydistil.resolve_losses(PretrainConfig(), False)) in first
+        headless = tinydistil.resolve_losses(PretrainConfig(), False)
+        assert first.startswith("recipe small") and "teacher has no MLM head" in first
+        assert tinydistil.describe_losses(headless, False) in first
         state = torch.load(tmp_path / "out" / "checkpoints" / "step-2" / "train_state.pt",
                            weights_only=False)
         marker = json.loads((tmp_path / "out" / tinydistil.RUN_MARKER).read_text())
