@@ -39,7 +39,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import retention  # noqa: E402
 from retention import ROOT, cpu_lock, export_code, git_commit, run_logged  # noqa: E402
-from common import UserError, build_parser  # noqa: E402
+from common import UserError, atomic_write, build_parser  # noqa: E402
+from tasks import glue  # noqa: E402
 
 
 @dataclass
@@ -65,6 +66,10 @@ class StsStudyConfig:
 # 128 tokens); its loss flags are written out in full, so that a later change of the defaults
 # (LOSSES) does not silently change a rerun; "default" alone passes none: it is what a user gets.
 FULL = ["--data-fraction", "1.0", "--epochs", "1"]
+# The training pairs of STS-B, both sentences of a pair on one line (one sentence alone is often
+# under the 12 tokens a sequence needs): 5,749 texts, about as many tokens as the tenth of
+# WikiText-2. Not a recipe: it measures how much of what the student lacks is the corpus's domain.
+IN_DOMAIN = ["--data", "{stsb_train_text}", "--data-fraction", "1.0"]
 
 
 def loss_flags(ce, mlm, cos, hid=0, pool=0, mask=0.15):
@@ -87,11 +92,15 @@ ROWS = {
                    "cos-only"),
     "mlm-only": ("L_mlm alone (--alpha-cos 0): a fresh head trained into the encoder",
                  loss_flags(0, 2, 0), "teacher", "mlm-only"),
-    "cos-clean": ("L_cos alone on unmasked input", loss_flags(0, 0, 1, mask=0), "teacher", None),
     "cos-pool-clean": ("L_cos + L_pool on unmasked input", loss_flags(0, 0, 1, pool=1, mask=0),
                        "teacher", None),
     "cos-hid-clean": ("L_cos + L_hid on unmasked input", loss_flags(0, 0, 1, hid=1, mask=0),
                       "teacher", None),
+    "default-s32": ("the head-less default on 32-token chunks (sentence-length, as STS-B's)",
+                    ["--seq-len", "32"], "teacher", None),
+    "default-stsb-train": ("the head-less default on STS-B's training sentences (not the dev "
+                           "pairs scored): how much is the corpus's domain", IN_DOMAIN, "teacher",
+                           None),
     "default-full": ("the head-less default on one epoch of the whole of WikiText-2", FULL,
                      "teacher", None),
     "random": ("random init, no distillation", ["--student-init", "random", "--max-steps", "0"],
@@ -117,7 +126,8 @@ def pretrain(name, flags, seed, teacher, cfg, env):
     out = env["root"] / "students" / f"{env['sha'][:12]}-{name}-{slug}-seed{seed}"
     cmd = [sys.executable, "tinydistil.py", "pretrain", "--teacher", teacher, "--n-layer", "3",
            "--data", "wikitext-2", "--data-dir", env["data"], "--teacher-dtype",
-           cfg.teacher_dtype, "--lr", "5e-4", "--batch-size", "16", "--seed", str(seed), *flags]
+           cfg.teacher_dtype, "--lr", "5e-4", "--batch-size", "16", "--seed", str(seed),
+           *(f.format(stsb_train_text=env["stsb_train_text"]) for f in flags)]
     if cfg.max_steps is not None and "--max-steps" not in flags:
         cmd += ["--max-steps", str(cfg.max_steps)]
     seconds = 0.0
@@ -218,8 +228,19 @@ def setup(cfg):
     root = Path(cfg.artifacts) / ("tiny" if cfg.tiny else "")
     sha, code = export_code(cfg.code_commit, root)
     env = {"teacher": teacher, "fitted": cfg.fitted_teacher, "data": str(data.resolve()),
-           "root": root, "sha": sha, "code": code, "logs": root / "logs", "seeds": seeds}
+           "root": root, "sha": sha, "code": code, "logs": root / "logs", "seeds": seeds,
+           "stsb_train_text": str(stsb_train_text(data, root))}
     return names, env
+
+
+def stsb_train_text(data, root):
+    """STS-B's training pairs as a text corpus, one pair per line (IN_DOMAIN); made once."""
+    path = root / "data" / "stsb-train-pairs.txt"
+    if not path.is_file():
+        pairs = glue.load("stsb", "train", str(data))
+        text = "".join(f"{e.text_a} {e.text_b}\n" for e in pairs)
+        atomic_write(path, text.encode("utf-8"))
+    return path
 
 
 def read_rows(path):
