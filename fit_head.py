@@ -111,8 +111,8 @@ def with_new_head(encoder: BERT) -> BERT:
 
 
 def unigram_bias(seqs, vocab_size, special) -> torch.Tensor:
-    """log p(token) from the corpus counts (an unseen token counted once): the head's best guess before it sees the
-    context, a start that saves the first hundreds of steps learning word frequencies. (V,)"""
+    """log p(token) from the corpus counts (an unseen token counted once): the head's best guess
+    before it sees the context, a start that saves steps spent learning word frequencies. (V,)"""
     counts = 1.0 / data.token_probs(seqs, vocab_size, special, smoothing=1.0).double()  # max(c, 1)
     counts[list(special)] = 1.0
     return (counts / counts.sum()).log().float()

@@ -3360,11 +3360,12 @@ ZERO_SHOT_KEYS = {"task", "model", "zero_shot", "pooling", "metrics", "pairs", "
 
 def sentence_transformers_folder(tmp_path, pooling_flag="pooling_mode_mean_tokens", extra=(),
                                  model="tiny-distilbert"):
-    """A tiny checkpoint with the files a sentence-transformers save adds: modules.json (Transformer,
+    """A tiny checkpoint with what sentence-transformers saves: modules.json (Transformer,
     Pooling, Normalize), 1_Pooling/config.json with pooling_flag on, sentence_bert_config.json."""
     folder = tmp_path / "st-model"
     shutil.copytree(MODELS / model, folder)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling",
                 "type": "sentence_transformers.models.Pooling"},
                {"idx": 2, "name": "2", "path": "2_Normalize",
@@ -3470,7 +3471,8 @@ class TestZeroShot:
 
     def test_student_of_a_sentence_transformers_teacher_carries_its_files(self, tmp_path, corpus):
         from tasks.zero_shot import zero_shot_sts
-        teacher = sentence_transformers_folder(tmp_path, "pooling_mode_cls_token", model="tiny-bert")
+        teacher = sentence_transformers_folder(tmp_path, "pooling_mode_cls_token",
+                                               model="tiny-bert")
         pretrain(pretrain_config(tmp_path, corpus, teacher=str(teacher), max_steps=0))
         student, files = tmp_path / "out", ("modules.json", "1_Pooling/config.json",
                                             "sentence_bert_config.json")
