@@ -3361,12 +3361,14 @@ class TestBench:
 ZERO_SHOT_KEYS = {"task", "model", "zero_shot", "pooling", "metrics", "pairs", "seconds", "config"}
 
 
-def sentence_transformers_folder(tmp_path, pooling_flag="pooling_mode_mean_tokens", extra=()):
-    """tiny-distilbert with the files a sentence-transformers save adds: modules.json (Transformer,
+def sentence_transformers_folder(tmp_path, pooling_flag="pooling_mode_mean_tokens", extra=(),
+                                 model="tiny-distilbert"):
+    """A tiny checkpoint with what sentence-transformers saves: modules.json (Transformer,
     Pooling, Normalize), 1_Pooling/config.json with pooling_flag on, sentence_bert_config.json."""
     folder = tmp_path / "st-model"
-    shutil.copytree(MODELS / "tiny-distilbert", folder)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    shutil.copytree(MODELS / model, folder)
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling",
                 "type": "sentence_transformers.models.Pooling"},
                {"idx": 2, "name": "2", "path": "2_Normalize",
@@ -3469,6 +3471,105 @@ class TestZeroShot:
                        / lines[(TINY_BERT, "mean")]["metrics"]["spearman"])
         assert rows[0].endswith(f"| {share:.1f} |") and rows[1].endswith("| - |")
         assert "| out/student (ours) |" in md.split("## Zero-shot")[0]
+
+    def test_student_of_a_sentence_transformers_teacher_carries_its_files(self, tmp_path, corpus):
+        from tasks.zero_shot import zero_shot_sts
+        teacher = sentence_transformers_folder(tmp_path, "pooling_mode_cls_token",
+                                               model="tiny-bert")
+        pretrain(pretrain_config(tmp_path, corpus, teacher=str(teacher), max_steps=0))
+        student, files = tmp_path / "out", ("modules.json", "1_Pooling/config.json",
+                                            "sentence_bert_config.json")
+        assert all((student / f).read_bytes() == (teacher / f).read_bytes() for f in files)
+        assert zero_shot_sts(str(student), TASK_FIX)["pooling"] == "cls"  # read from the student
+        (student / "modules.json").unlink()
+        pretrain(pretrain_config(tmp_path, corpus, teacher=str(teacher), max_steps=2,
+                                 overwrite=True))  # a trained student too
+        assert all((student / f).read_bytes() == (teacher / f).read_bytes() for f in files)
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=2, overwrite=True))  # plain teacher
+        assert not any((student / f).exists() for f in files)  # --overwrite took them away
+        assert (student / "model.safetensors").is_file()
+
+    def test_modules_a_student_cannot_carry_are_left_behind(self, tmp_path, corpus):
+        dense = {"idx": 3, "name": "3", "path": "3_Dense",
+                 "type": "sentence_transformers.models.Dense"}
+        teacher = sentence_transformers_folder(tmp_path, extra=[dense], model="tiny-bert")
+        pretrain(pretrain_config(tmp_path, corpus, teacher=str(teacher), max_steps=0))
+        assert not (tmp_path / "out" / "modules.json").exists()
+
+
+# ----------------------------------------------------------------------------- fit_head.py
+
+def fit_head_config(tmp_path, corpus, **kw):
+    from fit_head import FitHeadConfig
+    base = dict(teacher=str(MODELS / "tiny-bert-encoder"), out=str(tmp_path / "head"),
+                data=str(corpus), data_dir=str(tmp_path / "data"), steps=40, batch_size=8,
+                seq_len=32, log_every=20, bias_init="zeros", lr=1e-2)
+    return FitHeadConfig(**{**base, **kw})
+
+
+class TestFitHead:
+    def test_head_fitted_encoder_unchanged_and_reloaded(self, tmp_path, corpus, capsys):
+        from fit_head import fit_head
+        report = fit_head(fit_head_config(tmp_path, corpus))
+        out = tmp_path / "head"
+        written = json.loads((out / "fit_head.json").read_text())
+        assert written == report and written["steps"] == 40
+        assert {"heldout_loss", "heldout_top1", "corpus", "steps"} <= set(written)
+        assert written["corpus"]["data"] == str(corpus) and 0 <= written["heldout_top1"] <= 1
+        assert written["heldout_loss"] < written["initial_heldout_loss"] - 0.05  # it learned
+        encoder, fitted = BERT.from_pretrained(str(MODELS / "tiny-bert-encoder")), \
+            BERT.from_pretrained(str(out))
+        mine = fitted.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in encoder.state_dict().items())
+        assert fitted.config.mlm_head and fitted.vocab_projector.weight is \
+            fitted.embeddings.word_embeddings.weight  # tied, so not a tensor of the file
+        keys = set(load_safetensors(out / "model.safetensors"))
+        assert "cls.predictions.transform.dense.weight" in keys
+        assert not keys & {"cls.predictions.decoder.weight"}
+        assert not list(tmp_path.glob(".head.*"))  # no temporary folder left
+        tinydistil.main(["fill-mask", "the [MASK] line", "--model", str(out), "--top-k", "2"])
+        assert "[MASK] at token 2:" in capsys.readouterr().out
+
+    def test_fitted_head_gives_pretrain_soft_targets(self, tmp_path, corpus):
+        from fit_head import fit_head
+        teacher = sentence_transformers_folder(tmp_path, model="tiny-bert-encoder")
+        fit_head(fit_head_config(tmp_path, corpus, teacher=str(teacher), steps=4))
+        assert (tmp_path / "head" / "modules.json").is_file()  # the teacher's files come along
+        pretrain(pretrain_config(tmp_path, corpus, teacher=str(tmp_path / "head"), max_steps=2))
+        assert train_log(tmp_path / "out")[-1]["loss_ce"] > 0
+        assert (tmp_path / "out" / "1_Pooling" / "config.json").is_file()
+
+    def test_refusals_write_nothing(self, tmp_path, corpus, monkeypatch, capsys):
+        from fit_head import fit_head
+        with pytest.raises(UserError, match="already has an MLM head"):
+            fit_head(fit_head_config(tmp_path, corpus, teacher=TINY_BERT))
+        assert not (tmp_path / "head").exists()
+        def disk_full(self, out, *args):
+            (Path(out) / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+            (Path(out) / "model.safetensors").write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(BERT, "save_pretrained", disk_full)  # fails mid-write
+        with pytest.raises(UserError, match="No space left.*nothing was written"):
+            fit_head(fit_head_config(tmp_path, corpus, steps=1))
+        assert not (tmp_path / "head").exists() and not list(tmp_path.glob(".head*"))
+        (tmp_path / "head").mkdir()
+        with pytest.raises(UserError, match="exists: choose another folder or pass --overwrite"):
+            fit_head(fit_head_config(tmp_path, corpus))
+        monkeypatch.undo()
+        fit_head(fit_head_config(tmp_path, corpus, steps=1, overwrite=True))
+        assert (tmp_path / "head" / "fit_head.json").is_file()
+
+    @pytest.mark.parametrize("args, message", [
+        ([], "give --out DIR"),
+        (["--out", "x", "--steps", "0"], "--steps, --batch-size and --log-every"),
+        (["--out", "x", "--bias-init", "ones"], "--bias-init takes unigram or zeros"),
+    ])
+    def test_bad_options_one_line(self, args, message, capsys):
+        with pytest.raises(SystemExit) as e:
+            tinydistil.main(["fit-head", str(MODELS / "tiny-bert-encoder"), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and re.fullmatch(r"error: [^\n]+\n", err) and message in err
+
 
 
 class TestHeadlessTeacher:

@@ -333,6 +333,9 @@ def distillation_loss(teacher, student, input_ids, attention_mask, labels, cfg, 
 RUN_MARKER = "tinydistil-run.json"  # marks --out as ours: --overwrite replaces only our own files
 RUN_FILES = (RUN_MARKER, "checkpoints", "train_log.jsonl", "model.safetensors", "config.json",
              "tokenizer.json", "vocab.txt", "tokenizer_config.json")
+# what a sentence-transformers teacher's student carries (tasks/zero_shot.py), replaced as well
+RUN_FILES += ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+              "1_Pooling", "2_Normalize")
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device", "data_dir"}
 
 
@@ -418,6 +421,15 @@ def save_checkpoint(out: Path, student, opt, step, data_position, mask_gen, cfg,
         if old.name != final.name:
             shutil.rmtree(old, ignore_errors=True)
     student.save_pretrained(out)
+    save_sentence_transformers_files(student, out)
+
+
+def save_sentence_transformers_files(student, out: Path):
+    """A sentence-transformers teacher gives a sentence-transformers student: its modules.json,
+    pooling and settings are copied beside the student, so SentenceTransformer(out) loads it and
+    pools as the teacher (and as `eval stsb --zero-shot` scores it)."""
+    from tasks.zero_shot import copy_sentence_transformers_files
+    copy_sentence_transformers_files(student.source_dir, out)
 
 
 def read_checkpoint(cfg, out: Path, world: int) -> dict:
@@ -690,6 +702,7 @@ def pretrain(cfg: PretrainConfig):
         if total_steps == 0:
             if master:
                 student.save_pretrained(out)
+                save_sentence_transformers_files(student, out)
             echo(f"--max-steps 0: saved the initialised student to {out}")
             stop_processes(dist)
             return student
@@ -848,12 +861,15 @@ def report(cfg: ReportConfig):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
+    from fit_head import FitHeadConfig, fit_head
     from tasks.finetune import EvalConfig, run
     commands = {  # name -> (config dataclass, positional fields, function, one-line help)
         "pretrain": (PretrainConfig, (), pretrain, "distil a student from a BERT teacher"),
         "eval": (EvalConfig, ("task",), run, "fine-tune and score a model on a task (or glue)"),
         "report": (ReportConfig, (), report, "render the paper's Tables 1 and 2 from the results"),
         "fill-mask": (FillMaskConfig, ("text",), fill_mask, "top predictions for [MASK] tokens"),
+        "fit-head": (FitHeadConfig, ("teacher",), fit_head,
+                     "fit an MLM head on a frozen encoder without one (a sentence encoder)"),
     }
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -89,7 +89,7 @@ class EvalConfig:
     warmup: float = 0.1                       # fraction of the steps with linearly rising lr
     weight_decay: float = 0.01
     out: Optional[str] = None                 # save the model of --seed here (glue: DIR/<task>)
-    zero_shot: bool = False                   # stsb: score the encoder as it is (tasks/zero_shot.py)
+    zero_shot: bool = False                   # stsb: score the encoder as it is, no training
     pooling: Optional[str] = None             # zero-shot: mean or cls; None: the model's, else mean
 
 

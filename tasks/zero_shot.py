@@ -12,7 +12,7 @@ directly, the way sentence-transformers' EmbeddingSimilarityEvaluator and MTEB s
 each sentence's embedding is the mean of the last hidden state over its real tokens (--pooling
 mean) or the [CLS] state (--pooling cls); a pair's predicted similarity is the cosine of its two
 embeddings; the score is the Spearman (and Pearson) correlation of those cosines with the gold
-scores over all 1,500 STS-B dev pairs. Nothing is trained or drawn at random, so it is deterministic.
+scores over all 1,500 STS-B dev pairs. Nothing is trained or drawn at random: deterministic.
 
 A folder saved by sentence-transformers says how its model pools (modules.json, 1_Pooling/
 config.json); without --pooling that is what the score uses, else mean. `pretrain` copies these
@@ -45,7 +45,7 @@ CARRIED_MODULES = {"sentence_transformers.models.Transformer",
 TOP_LEVEL_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
-# ----------------------------------------------------------------------------- sentence-transformers
+# ------------------------------------------------------------------- sentence-transformers
 
 def _read_json(path: Path) -> dict | list:
     try:
@@ -55,7 +55,7 @@ def _read_json(path: Path) -> dict | list:
 
 
 def _modules(folder: Path):
-    """modules.json's list of modules, or None when the folder is not a sentence-transformers one."""
+    """modules.json's list of modules; None when the folder is not a sentence-transformers one."""
     path = Path(folder) / "modules.json"
     if not path.is_file():
         return None
