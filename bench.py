@@ -492,6 +492,7 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
     if cfg.seq_len > positions:
         raise UserError(f"--seq-len {cfg.seq_len}: BERT-base takes at most {positions} tokens")
     pcfg = tinydistil.resolve_recipe(tinydistil.PretrainConfig(dtype=dtype), 1, device)
+    pcfg = tinydistil.resolve_losses(pcfg, mlm_head=True)  # the paper's loss: bert-base's head
     torch.manual_seed(0)
     teacher = BERT(BertConfig.preset("bert-base-uncased"))
     student, _ = tinydistil.init_student(teacher, 6, train_positions=False)

@@ -6,6 +6,10 @@ masked language modelling loss L_mlm, and a cosine embedding loss L_cos aligning
 (defaults 5.0 * L_ce + 2.0 * L_mlm + 1.0 * L_cos, as the reference train.py). The formulas follow
 the reference distiller.py. Every term is computed in float32, even under bfloat16 autocast.
 
+A teacher without an MLM head (a sentence encoder) has no soft targets for L_ce; two more terms
+serve it (tinydistil.LOSSES, studies/retention_sts.md): L_hid, the cosine loss on the layers below
+the last, and L_pool, the cosine loss on the mean-pooled sentence embedding.
+
 Section 4.1, "DistilBERT (D)": a second distillation during fine-tuning, from a teacher already
 fine-tuned on the task, as the reference run_squad_w_distillation.py. Its loss is
 (1 - alpha) * task loss + alpha * KD term, the KD term being L_ce_reference on the class logits,
@@ -122,6 +126,32 @@ def L_cos(s_hidden, t_hidden):
     """
     s, t = s_hidden.float(), t_hidden.float()
     return F.cosine_embedding_loss(s, t, s.new_ones(s.size(0)))
+
+
+def L_hid(s_states, t_states):
+    """Cosine loss on the hidden states of the layers below the last, K pairs of (N, H) rows: each
+    student layer against the teacher layer it was copied from (TinyBERT's and MiniLM's hidden-state
+    matching, with DistilBERT's cosine in place of their MSE):
+
+        L_hid = (1/K) * sum_k L_cos(s_states[k], t_states[k])
+    """
+    return sum(L_cos(s, t) for s, t in zip(s_states, t_states)) / len(s_states)
+
+
+def L_pool(s_hidden, t_hidden, attention_mask):
+    """Cosine loss between the sentence embeddings of student and teacher, B sequences of (B, T, H)
+    last hidden states with their (B, T) attention mask:
+
+        e_b = sum_t m_bt h_bt / sum_t m_bt       (the mean over the real tokens)
+        L_pool = (1/B) * sum_b (1 - <e^s_b, e^t_b> / (|e^s_b| |e^t_b|))
+
+    The embedding sentence-transformers (mean pooling) and `eval --zero-shot` read; its MSE
+    distillation of the normalised embeddings is this loss times 2/H.
+    """
+    m = attention_mask.float()[..., None]  # (B, T, 1)
+    s = (s_hidden.float() * m).sum(1) / m.sum(1)  # (B, H)
+    t = (t_hidden.float() * m).sum(1) / m.sum(1)  # (B, H)
+    return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
 def total_loss(terms, weights):

@@ -1941,11 +1941,12 @@ class TestPretrain:
         for world, accum in ((1, 400), (2, 200), (8, 50)):
             cfg = tinydistil.resolve_recipe(PretrainConfig(recipe="paper"), world, CPU)
             assert cfg.grad_accum == accum and cfg.batch_size * cfg.grad_accum * world == 2000
-        line = tinydistil.describe_recipe(tinydistil.resolve_recipe(PretrainConfig(), 1, CPU), 1)
+        cfg = tinydistil.resolve_losses(tinydistil.resolve_recipe(PretrainConfig(), 1, CPU), True)
+        line = tinydistil.describe_recipe(cfg, 1)
         assert line.startswith("recipe small: 16 sequences per step") and "--recipe paper" in line
 
     def test_teacher_dtype_auto_follows_the_hardware(self):
-        cfg = tinydistil.resolve_recipe(PretrainConfig(), 1, CPU)
+        cfg = tinydistil.resolve_losses(tinydistil.resolve_recipe(PretrainConfig(), 1, CPU), True)
         native = tinydistil.has_bfloat16_matmul(CPU)
         assert cfg.teacher_dtype == ("bfloat16" if native else "float32")
         assert "teacher" in tinydistil.describe_recipe(cfg, 1)
@@ -2020,7 +2021,8 @@ class TestPretrain:
         probs = torch.ones(teacher.config.vocab_size)
         masked, labels = mask_batch(ids, mask, probs, 4, teacher.config.vocab_size,
                                     torch.Generator().manual_seed(0), 0.3)
-        cfg = PretrainConfig(alpha_ce=weights[0], alpha_mlm=weights[1], alpha_cos=weights[2])
+        cfg = tinydistil.resolve_losses(PretrainConfig(
+            alpha_ce=weights[0], alpha_mlm=weights[1], alpha_cos=weights[2]), mlm_head=True)
         loss, terms = tinydistil.distillation_loss(
             teacher, tinydistil.StudentForDistillation(student),
             tinydistil.to_device(masked, mask, labels, CPU), cfg, (torch.float32, torch.float32))
@@ -2085,10 +2087,11 @@ class TestPretrain:
         for k, v in expected.state_dict().items():
             assert torch.equal(saved.state_dict()[k], v), k
 
-    def test_zero_weight_skips_a_term_and_encoder_teacher_needs_alpha_ce_0(self, tmp_path, corpus):
+    def test_zero_weight_skips_a_term_and_encoder_teacher_refuses_alpha_ce(self, tmp_path, corpus):
         encoder = str(MODELS / "tiny-bert-encoder")
-        with pytest.raises(UserError, match="no MLM head.*--alpha-ce 0"):
-            pretrain(pretrain_config(tmp_path, corpus, teacher=encoder))
+        with pytest.raises(UserError, match="--alpha-ce 5.0: .* has no MLM head.*leave --alpha-ce"):
+            pretrain(pretrain_config(tmp_path, corpus, teacher=encoder, alpha_ce=5.0))
+        assert not (tmp_path / "out").exists()
         pretrain(pretrain_config(tmp_path, corpus, teacher=encoder, alpha_ce=0.0, alpha_mlm=0.0,
                                  max_steps=2))
         log = train_log(tmp_path / "out")
@@ -3946,3 +3949,308 @@ class TestCuda:
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert [line["step"] for line in train_log(out)] == [2, 4]
+# ----------------------------------------------------------------------------- tasks/zero_shot.py
+
+ZERO_SHOT_KEYS = {"task", "model", "zero_shot", "pooling", "metrics", "pairs", "seconds", "config"}
+
+
+def sentence_transformers_folder(tmp_path, pooling_flag="pooling_mode_mean_tokens", extra=(),
+                                 model="tiny-distilbert"):
+    """A tiny checkpoint with what sentence-transformers saves: modules.json (Transformer,
+    Pooling, Normalize), 1_Pooling/config.json with pooling_flag on, sentence_bert_config.json."""
+    folder = tmp_path / "st-model"
+    shutil.copytree(MODELS / model, folder)
+    modules = [{"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize"}, *extra]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    flags = {f: f == pooling_flag for f in ("pooling_mode_cls_token", "pooling_mode_mean_tokens",
+                                            "pooling_mode_max_tokens")}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                   **flags}))
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 48}')
+    return folder
+
+
+def direct_zero_shot(model_dir, data_dir, pooling):
+    """The score computed the plain way: each sentence alone (no padding), its pooled last hidden
+    state, cosines and Spearman (average ranks for ties) in numpy."""
+    model, tok = BERT.from_pretrained(str(model_dir)), data.load_tokenizer(model_dir)
+    pairs = glue.load("stsb", "dev", data_dir)
+
+    def vector(text):
+        with torch.no_grad():
+            h = model(torch.tensor([tok.encode(text).ids])).hidden_states[-1][0]  # (T, H)
+        return (h.mean(0) if pooling == "mean" else h[0]).double().numpy()
+
+    sims = []
+    for e in pairs:
+        a, b = vector(e.text_a), vector(e.text_b)
+        sims.append(a @ b / np.sqrt((a @ a) * (b @ b)))
+    gold = np.array([e.label for e in pairs])
+
+    def ranks(x):
+        x = np.asarray(x)
+        return np.array([(x < v).sum() + ((x == v).sum() + 1) / 2 for v in x])
+
+    return (np.corrcoef(ranks(sims), ranks(gold))[0, 1], np.corrcoef(sims, gold)[0, 1])
+
+
+@pytest.mark.usefixtures("tasks_offline")
+class TestZeroShot:
+    @pytest.mark.parametrize("pooling", ["mean", "cls"])
+    def test_equals_the_plain_computation(self, pooling, task_data, tmp_path):
+        line = run(EvalConfig(task="stsb", model=TINY_DISTILBERT, data_dir=str(task_data),
+                              zero_shot=True, pooling=pooling, batch_size=5,
+                              results=str(tmp_path / "r.jsonl")))
+        rho, r = direct_zero_shot(MODELS / "tiny-distilbert", task_data, pooling)
+        assert line["metrics"]["spearman"] == pytest.approx(rho, abs=1e-6)
+        assert line["metrics"]["pearson"] == pytest.approx(r, abs=1e-6)
+        assert set(line) == ZERO_SHOT_KEYS and line["zero_shot"] is True
+        assert line["pooling"] == pooling == line["config"]["pooling"] and line["pairs"] == 48
+        assert results_lines(tmp_path / "r.jsonl") == [line]
+
+    def test_deterministic_and_the_two_poolings_differ(self, task_data):
+        from tasks.zero_shot import zero_shot_sts
+        mean = zero_shot_sts(TINY_DISTILBERT, task_data)
+        assert mean == zero_shot_sts(TINY_DISTILBERT, task_data, "mean")  # bit for bit
+        other_batches = zero_shot_sts(TINY_DISTILBERT, task_data, "mean", batch_size=7)
+        assert other_batches["spearman"] == pytest.approx(mean["spearman"], abs=1e-6)
+        assert mean["pooling"] == "mean" and mean["max_seq_len"] == 64  # the model's positions
+        assert zero_shot_sts(TINY_DISTILBERT, task_data, "cls")["spearman"] != mean["spearman"]
+
+    def test_pooling_read_from_sentence_transformers_files(self, task_data, tmp_path):
+        from tasks.zero_shot import zero_shot_sts
+        folder = sentence_transformers_folder(tmp_path, "pooling_mode_cls_token")
+        declared = zero_shot_sts(str(folder), task_data)
+        assert declared["pooling"] == "cls" and declared["max_seq_len"] == 48
+        assert declared["spearman"] == zero_shot_sts(TINY_DISTILBERT, task_data, "cls")["spearman"]
+        assert zero_shot_sts(str(folder), task_data, "mean")["pooling"] == "mean"  # --pooling wins
+        (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_max_tokens": true}')
+        with pytest.raises(UserError, match="pooling_mode_max_tokens is not one this scores"):
+            zero_shot_sts(str(folder), task_data)
+
+    @pytest.mark.parametrize("args, message", [
+        (["sst2", "--zero-shot"], "--zero-shot scores STS-B"),
+        (["stsb", "--zero-shot", "--pooling", "max"], "--pooling 'max': use mean or cls"),
+        (["stsb", "--pooling", "cls"], "--pooling is for --zero-shot"),
+        (["stsb", "--zero-shot", "--out", "x"], "--zero-shot trains nothing"),
+    ])
+    def test_bad_options_one_line(self, args, message, task_data, tmp_path, capsys):
+        with pytest.raises(SystemExit) as e:
+            tinydistil.main(["eval", *args, "--model", TINY_DISTILBERT, "--data-dir",
+                             str(task_data), "--results", str(tmp_path / "r.jsonl")])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and re.fullmatch(r"error: [^\n]+\n", err) and message in err
+        assert not (tmp_path / "r.jsonl").exists()
+
+    def test_report_shows_zero_shot_rows_apart(self, task_data, tmp_path):
+        results = tmp_path / "r.jsonl"
+        _write_results(results, [_line("out/student", "stsb", {"pearson": 0.5, "spearman": 0.4})])
+        for model in (TINY_DISTILBERT, TINY_BERT):
+            run(EvalConfig(task="stsb", model=model, data_dir=str(task_data), zero_shot=True,
+                           results=str(results)))
+        md = report.render(results, teacher=TINY_BERT)
+        assert set(report.latest(results)) == {"out/student"}  # fine-tuned rows only
+        zero_shot = md.split("## Zero-shot STS-B dev")[1]
+        rows = [r for r in zero_shot.splitlines() if r.startswith(f"| {MODELS}")]
+        assert len(rows) == 2 and all("| mean |" in r for r in rows)
+        lines = {(m, p): l for (m, p), l in report.zero_shot_rows(results).items()}
+        share = 100 * (lines[(TINY_DISTILBERT, "mean")]["metrics"]["spearman"]
+                       / lines[(TINY_BERT, "mean")]["metrics"]["spearman"])
+        assert rows[0].endswith(f"| {share:.1f} |") and rows[1].endswith("| - |")
+        assert "| out/student (ours) |" in md.split("## Zero-shot")[0]
+
+    def test_student_of_a_sentence_transformers_teacher_carries_its_files(self, tmp_path, corpus):
+        from tasks.zero_shot import zero_shot_sts
+        teacher = sentence_transformers_folder(tmp_path, "pooling_mode_cls_token",
+                                               model="tiny-bert")
+        pretrain(pretrain_config(tmp_path, corpus, teacher=str(teacher), max_steps=0))
+        student, files = tmp_path / "out", ("modules.json", "1_Pooling/config.json",
+                                            "sentence_bert_config.json")
+        assert all((student / f).read_bytes() == (teacher / f).read_bytes() for f in files)
+        assert zero_shot_sts(str(student), TASK_FIX)["pooling"] == "cls"  # read from the student
+        (student / "modules.json").unlink()
+        pretrain(pretrain_config(tmp_path, corpus, teacher=str(teacher), max_steps=2,
+                                 overwrite=True))  # a trained student too
+        assert all((student / f).read_bytes() == (teacher / f).read_bytes() for f in files)
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=2, overwrite=True))  # plain teacher
+        assert not any((student / f).exists() for f in files)  # --overwrite took them away
+        assert (student / "model.safetensors").is_file()
+
+    def test_modules_a_student_cannot_carry_are_left_behind(self, tmp_path, corpus):
+        dense = {"idx": 3, "name": "3", "path": "3_Dense",
+                 "type": "sentence_transformers.models.Dense"}
+        teacher = sentence_transformers_folder(tmp_path, extra=[dense], model="tiny-bert")
+        pretrain(pretrain_config(tmp_path, corpus, teacher=str(teacher), max_steps=0))
+        assert not (tmp_path / "out" / "modules.json").exists()
+
+
+# ----------------------------------------------------------------------------- fit_head.py
+
+def fit_head_config(tmp_path, corpus, **kw):
+    from fit_head import FitHeadConfig
+    base = dict(teacher=str(MODELS / "tiny-bert-encoder"), out=str(tmp_path / "head"),
+                data=str(corpus), data_dir=str(tmp_path / "data"), steps=40, batch_size=8,
+                seq_len=32, log_every=20, bias_init="zeros", lr=1e-2)
+    return FitHeadConfig(**{**base, **kw})
+
+
+class TestFitHead:
+    def test_head_fitted_encoder_unchanged_and_reloaded(self, tmp_path, corpus, capsys):
+        from fit_head import fit_head
+        report = fit_head(fit_head_config(tmp_path, corpus))
+        out = tmp_path / "head"
+        written = json.loads((out / "fit_head.json").read_text())
+        assert written == report and written["steps"] == 40
+        assert {"heldout_loss", "heldout_top1", "corpus", "steps"} <= set(written)
+        assert written["corpus"]["data"] == str(corpus) and 0 <= written["heldout_top1"] <= 1
+        assert written["heldout_loss"] < written["initial_heldout_loss"] - 0.05  # it learned
+        encoder, fitted = BERT.from_pretrained(str(MODELS / "tiny-bert-encoder")), \
+            BERT.from_pretrained(str(out))
+        mine = fitted.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in encoder.state_dict().items())
+        assert fitted.config.mlm_head and fitted.vocab_projector.weight is \
+            fitted.embeddings.word_embeddings.weight  # tied, so not a tensor of the file
+        keys = set(load_safetensors(out / "model.safetensors"))
+        assert "cls.predictions.transform.dense.weight" in keys
+        assert not keys & {"cls.predictions.decoder.weight"}
+        assert not list(tmp_path.glob(".head.*"))  # no temporary folder left
+        tinydistil.main(["fill-mask", "the [MASK] line", "--model", str(out), "--top-k", "2"])
+        assert "[MASK] at token 2:" in capsys.readouterr().out
+
+    def test_fitted_head_gives_pretrain_soft_targets(self, tmp_path, corpus):
+        from fit_head import fit_head
+        teacher = sentence_transformers_folder(tmp_path, model="tiny-bert-encoder")
+        fit_head(fit_head_config(tmp_path, corpus, teacher=str(teacher), steps=4))
+        assert (tmp_path / "head" / "modules.json").is_file()  # the teacher's files come along
+        pretrain(pretrain_config(tmp_path, corpus, teacher=str(tmp_path / "head"), max_steps=2))
+        assert train_log(tmp_path / "out")[-1]["loss_ce"] > 0
+        assert (tmp_path / "out" / "1_Pooling" / "config.json").is_file()
+
+    def test_refusals_write_nothing(self, tmp_path, corpus, monkeypatch, capsys):
+        from fit_head import fit_head
+        with pytest.raises(UserError, match="already has an MLM head"):
+            fit_head(fit_head_config(tmp_path, corpus, teacher=TINY_BERT))
+        assert not (tmp_path / "head").exists()
+        def disk_full(self, out, *args):
+            (Path(out) / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+            (Path(out) / "model.safetensors").write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(BERT, "save_pretrained", disk_full)  # fails mid-write
+        with pytest.raises(UserError, match="No space left.*nothing was written"):
+            fit_head(fit_head_config(tmp_path, corpus, steps=1))
+        assert not (tmp_path / "head").exists() and not list(tmp_path.glob(".head*"))
+        (tmp_path / "head").mkdir()
+        with pytest.raises(UserError, match="exists: choose another folder or pass --overwrite"):
+            fit_head(fit_head_config(tmp_path, corpus))
+        monkeypatch.undo()
+        fit_head(fit_head_config(tmp_path, corpus, steps=1, overwrite=True))
+        assert (tmp_path / "head" / "fit_head.json").is_file()
+
+    @pytest.mark.parametrize("args, message", [
+        ([], "give --out DIR"),
+        (["--out", "x", "--steps", "0"], "--steps, --batch-size and --log-every"),
+        (["--out", "x", "--bias-init", "ones"], "--bias-init takes unigram or zeros"),
+    ])
+    def test_bad_options_one_line(self, args, message, capsys):
+        with pytest.raises(SystemExit) as e:
+            tinydistil.main(["fit-head", str(MODELS / "tiny-bert-encoder"), *args])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and re.fullmatch(r"error: [^\n]+\n", err) and message in err
+
+
+
+class TestHeadlessTeacher:
+    """Issue 17: a teacher without an MLM head (a sentence encoder) gets its own loss recipe,
+    LOSSES["no mlm head"]; one with a head keeps the paper's 5/2/1; a flag given always wins."""
+
+    ENCODER = str(MODELS / "tiny-bert-encoder")
+
+    def test_the_teacher_decides_the_losses_and_given_flags_win(self):
+        given = PretrainConfig(alpha_cos=3.0)
+        headed, headless = (tinydistil.resolve_losses(given, head) for head in (True, False))
+        assert (headed.alpha_ce, headed.alpha_mlm, headed.alpha_cos, headed.mlm_mask_prop) == \
+            (5.0, 2.0, 3.0, 0.15)
+        for k, v in tinydistil.LOSSES["no mlm head"].items():
+            assert getattr(headless, k) == (3.0 if k == "alpha_cos" else v), k
+        assert tinydistil.LOSSES["no mlm head"]["alpha_ce"] == 0
+        explicit = tinydistil.resolve_losses(PretrainConfig(alpha_ce=0.0, alpha_mlm=2.0,
+                                                            mlm_mask_prop=0.15), False)
+        assert (explicit.alpha_ce, explicit.alpha_mlm, explicit.mlm_mask_prop) == (0, 2.0, 0.15)
+        with pytest.raises(UserError, match="--alpha-ce 1.0: .* no MLM head"):
+            tinydistil.resolve_losses(PretrainConfig(alpha_ce=1.0), False)
+        with pytest.raises(UserError, match="--mlm-mask-prop 0 masks nothing"):
+            tinydistil.resolve_losses(PretrainConfig(alpha_mlm=2.0, mlm_mask_prop=0.0), False)
+        with pytest.raises(UserError, match="not all 0"):
+            tinydistil.resolve_losses(PretrainConfig(alpha_cos=0.0, alpha_hid=0.0,
+                                                     alpha_pool=0.0), False)
+
+    def test_headless_run_logs_and_saves_its_recipe(self, tmp_path, corpus, capsys):
+        pretrain(pretrain_config(tmp_path, corpus, teacher=self.ENCODER, max_steps=2))
+        first = capsys.readouterr().out.splitlines()[0]
+        headless = tinydistil.resolve_losses(PretrainConfig(), False)
+        assert first.startswith("recipe small") and "teacher has no MLM head" in first
+        assert tinydistil.describe_losses(headless, False) in first
+        state = torch.load(tmp_path / "out" / "checkpoints" / "step-2" / "train_state.pt",
+                           weights_only=False)
+        marker = json.loads((tmp_path / "out" / tinydistil.RUN_MARKER).read_text())
+        for k, v in tinydistil.LOSSES["no mlm head"].items():
+            assert state["config"][k] == marker["config"][k] == v, k
+        log = train_log(tmp_path / "out")
+        assert log[-1]["loss_ce"] == 0 and log[-1]["loss_mlm"] == 0
+        expected = sum(tinydistil.LOSSES["no mlm head"]["alpha_" + k] * log[-1]["loss_" + k]
+                       for k in ("cos", "hid", "pool"))
+        assert abs(log[-1]["loss"] - expected) < 1e-4
+
+    def test_headed_teacher_keeps_the_paper_loss(self, tmp_path, corpus, capsys):
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=2))
+        assert "loss 5 L_ce + 2 L_mlm + 1 L_cos, 15% of the tokens masked" in \
+            capsys.readouterr().out.splitlines()[0]
+        state = torch.load(tmp_path / "out" / "checkpoints" / "step-2" / "train_state.pt",
+                           weights_only=False)
+        for k, v in tinydistil.LOSSES["mlm head"].items():
+            assert state["config"][k] == v, k
+
+    def test_resume_compares_the_resolved_losses(self, tmp_path, corpus, capsys):
+        kw = dict(teacher=self.ENCODER, max_steps=4, save_every=2)
+        pretrain(pretrain_config(tmp_path, corpus, **kw))
+        with pytest.raises(UserError, match="--alpha-cos 1.0 not 2.0"):
+            pretrain(pretrain_config(tmp_path, corpus, **kw, resume=True, alpha_cos=2.0))
+        pretrain(pretrain_config(tmp_path, corpus, **kw, resume=True))  # the same defaults
+        assert "resumed from" in capsys.readouterr().out
+
+    def test_unmasked_input_is_the_text_itself(self):
+        ids = torch.randint(5, 100, (2, 9))
+        mask = torch.ones_like(ids)
+        masked, labels = mask_batch(ids, mask, torch.ones(100), 4, 100,
+                                    torch.Generator().manual_seed(0), 0.0)
+        assert torch.equal(masked, ids) and (labels == -100).all()
+
+    def test_hid_and_pool_equal_the_plain_formula(self):
+        teacher = BERT.from_pretrained(TEACHER)
+        torch.manual_seed(0)
+        student, _ = init_student(teacher, 2, how="random")
+        student.eval()
+        ids = torch.randint(5, teacher.config.vocab_size, (3, 12))
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        cfg = tinydistil.resolve_losses(PretrainConfig(alpha_cos=0.0, alpha_hid=2.0,
+                                                       alpha_pool=3.0), False)
+        loss, terms = tinydistil.distillation_loss(
+            teacher, tinydistil.StudentForDistillation(student),
+            tinydistil.to_device(ids, mask, torch.full_like(ids, -100), CPU), cfg,
+            (torch.float32, torch.float32))
+        real = mask.bool()
+        t, s = teacher(ids, mask), student(ids, mask)
+        # layer_map(2, 2) = [0, 1]: student layer 0 against teacher layer 0, below the last
+        hid = (1 - F.cosine_similarity(s.hidden_states[1][real], t.hidden_states[1][real])).mean()
+        pooled = [(x.hidden_states[-1] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                  for x in (s, t)]
+        pool = (1 - F.cosine_similarity(*pooled)).mean()
+        assert set(terms) == {"hid", "pool"}
+        assert abs(loss.item() - (2 * hid + 3 * pool).item()) < 1e-5

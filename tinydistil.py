@@ -62,11 +62,13 @@ class PretrainConfig:
     warmup: float = 0.05                 # fraction of the steps with linear warm-up
     weight_decay: float = 0.0
     max_grad_norm: float = 5.0
-    alpha_ce: float = 5.0                # weight of the distillation loss over soft targets
-    alpha_mlm: float = 2.0               # weight of the masked LM loss
-    alpha_cos: float = 1.0               # weight of the hidden-state cosine loss
+    alpha_ce: Optional[float] = None     # weight of the distillation loss over soft targets
+    alpha_mlm: Optional[float] = None    # weight of the masked LM loss
+    alpha_cos: Optional[float] = None    # weight of the last hidden state's cosine loss
+    alpha_hid: Optional[float] = None    # weight of the cosine loss on the layers below the last
+    alpha_pool: Optional[float] = None   # weight of the mean-pooled sentence embedding's cosine
     temperature: float = 2.0             # softmax temperature of L_ce
-    mlm_mask_prop: float = 0.15          # fraction of the tokens the MLM predicts
+    mlm_mask_prop: Optional[float] = None  # fraction of the tokens masked (0: the input is clean)
     mlm_smoothing: float = 0.7           # masking probability of a token is count ** -smoothing
     teacher_dtype: Optional[str] = None  # float32, bfloat16, auto (bf16 if native); None: recipe
     dtype: str = "float32"               # float32 or bfloat16 (autocast) for the student
@@ -92,6 +94,20 @@ RECIPES = {
 }
 PAPER_SEQUENCES_PER_STEP = 2000  # paper recipe: grad_accum = this / (batch_size x processes)
 
+# What a loss field left at None becomes: the teacher decides. With an MLM head (bert-base-uncased)
+# the paper's triple loss 5 * L_ce + 2 * L_mlm + 1 * L_cos on 15% masked tokens. Without one (a
+# sentence encoder: MiniLM, e5, bge, ...) L_ce has no soft targets, and L_mlm would train a fresh
+# head whose gradients pull the encoder away from the teacher. studies/retention_sts.md measured
+# what a 3-layer MiniLM student keeps of zero-shot STS-B (teacher 86.72, truncation 79.63): with
+# 2 L_mlm + 1 L_cos 69.09, with L_cos alone 83.5-83.6, and neither masking, L_hid nor L_pool move
+# it further; so L_cos alone, on clean text: masking serves only L_ce and L_mlm.
+LOSSES = {
+    "mlm head": dict(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_hid=0.0, alpha_pool=0.0,
+                     mlm_mask_prop=0.15),
+    "no mlm head": dict(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=1.0, alpha_hid=0.0, alpha_pool=0.0,
+                        mlm_mask_prop=0.0),
+}
+
 
 def resolve_recipe(cfg: PretrainConfig, world: int, device: torch.device) -> PretrainConfig:
     """Fill the fields left at None from the recipe; a field given on the command line wins. The
@@ -105,6 +121,31 @@ def resolve_recipe(cfg: PretrainConfig, world: int, device: torch.device) -> Pre
         cfg = replace(cfg, grad_accum=max(1, round(PAPER_SEQUENCES_PER_STEP / per_micro_step)))
     if cfg.teacher_dtype == "auto":
         cfg = replace(cfg, teacher_dtype="bfloat16" if has_bfloat16_matmul(device) else "float32")
+    return cfg
+
+
+def resolve_losses(cfg: PretrainConfig, mlm_head: bool) -> PretrainConfig:
+    """Fill the loss fields left at None from LOSSES, by whether the teacher has an MLM head; a
+    weight given on the command line wins, and is then checked."""
+    if not mlm_head and cfg.alpha_ce:
+        raise UserError(f"--alpha-ce {cfg.alpha_ce}: the teacher {cfg.teacher} has no MLM head, so "
+                        f"L_ce has no soft targets; leave --alpha-ce out (the head-less default) "
+                        f"or give the teacher a head first")
+    defaults = LOSSES["mlm head" if mlm_head else "no mlm head"]
+    cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    weights = (cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos, cfg.alpha_hid, cfg.alpha_pool)
+    rules = [
+        (min(weights) >= 0 and sum(weights) > 0,
+         "the loss weights --alpha-ce/-mlm/-cos/-hid/-pool must be >= 0, not all 0"),
+        (0 <= cfg.mlm_mask_prop < 1,
+         f"--mlm-mask-prop {cfg.mlm_mask_prop}: give a fraction in [0, 1)"),
+        (cfg.mlm_mask_prop > 0 or cfg.alpha_mlm == 0,
+         "--mlm-mask-prop 0 masks nothing, so L_mlm has nothing to predict: give a fraction "
+         "(0.15 as BERT) or --alpha-mlm 0"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
     return cfg
 
 
@@ -122,12 +163,7 @@ def check_config(cfg: PretrainConfig):
          f"--data-fraction {cfg.data_fraction}: give a number in (0, 1]"),
         (cfg.seq_len >= 12, f"--seq-len {cfg.seq_len}: sequences under 12 tokens are dropped"),
         (cfg.n_layer >= 1, f"--n-layer {cfg.n_layer}: the student needs at least 1 layer"),
-        (min(cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos) >= 0
-         and cfg.alpha_ce + cfg.alpha_mlm + cfg.alpha_cos > 0,
-         "the loss weights --alpha-ce/--alpha-mlm/--alpha-cos must be >= 0, not all 0"),
         (cfg.temperature > 0, f"--temperature {cfg.temperature}: must be positive"),
-        (0 < cfg.mlm_mask_prop < 1,
-         f"--mlm-mask-prop {cfg.mlm_mask_prop}: give a fraction in (0, 1)"),
         (0 <= cfg.warmup < 1, f"--warmup {cfg.warmup}: give a fraction in [0, 1)"),
         (cfg.weight_decay >= 0 and cfg.max_grad_norm > 0,
          "--weight-decay must be >= 0 and --max-grad-norm positive"),
@@ -142,13 +178,26 @@ def check_config(cfg: PretrainConfig):
             raise UserError(message)
 
 
-def describe_recipe(cfg: PretrainConfig, world: int) -> str:
+def describe_losses(cfg: PretrainConfig, mlm_head: bool = True) -> str:
+    """The loss part of the first log line: its terms, their weights, and the masking."""
+    terms = [f"{w:g} {name}" for w, name in ((cfg.alpha_ce, "L_ce"), (cfg.alpha_mlm, "L_mlm"),
+                                            (cfg.alpha_cos, "L_cos"), (cfg.alpha_hid, "L_hid"),
+                                            (cfg.alpha_pool, "L_pool")) if w > 0]
+    masking = (f"{cfg.mlm_mask_prop:.0%} of the tokens masked" if cfg.mlm_mask_prop > 0
+               else "unmasked input")
+    line = f"loss {' + '.join(terms)}, {masking}"
+    if not mlm_head:
+        line += " (the teacher has no MLM head: LOSSES['no mlm head'] for the weights not given)"
+    return line
+
+
+def describe_recipe(cfg: PretrainConfig, world: int, mlm_head: bool = True) -> str:
     """The first log line: what runs, and how it differs from the reference."""
     per_step = cfg.batch_size * cfg.grad_accum * world
     line = (f"recipe {cfg.recipe}: {per_step} sequences per step ({cfg.batch_size} x "
             f"{cfg.grad_accum} accumulated x {world} processes) of up to {cfg.seq_len} tokens, "
             f"lr {cfg.lr:g}, {cfg.epochs} epochs of {cfg.data_fraction:g} of {cfg.data}, "
-            f"{cfg.teacher_dtype} teacher")
+            f"{cfg.teacher_dtype} teacher; {describe_losses(cfg, mlm_head)}")
     if cfg.recipe == "small":
         line += (f"; the reference: {PAPER_SEQUENCES_PER_STEP} sequences of up to 512 tokens, "
                  f"float32 teacher, on Wikipedia + BookCorpus (--recipe paper)")
@@ -215,19 +264,19 @@ def sinusoidal_positions(cfg) -> torch.Tensor:
 
 
 class StudentForDistillation(nn.Module):
-    """The student's forward during distillation: the last hidden state of every real token and MLM
-    logits only on the rows a loss reads. A module of its own so DistributedDataParallel sees every
-    use of the weights inside one forward."""
+    """The student's forward during distillation: the hidden states of every layer, (B, T, H) each,
+    and MLM logits only on the rows a loss reads. A module of its own so DistributedDataParallel
+    sees every use of the weights inside one forward."""
 
     def __init__(self, student):
         super().__init__()
         self.student = student
 
     def forward(self, input_ids, attention_mask, real, logit_rows):
-        out = self.student(input_ids, attention_mask, return_logits=False)
-        hidden = out.hidden_states[-1].flatten(0, 1)[real]  # (N, H): padding is not text
+        states = self.student(input_ids, attention_mask, return_logits=False).hidden_states
+        hidden = states[-1].flatten(0, 1)[real]  # (N, H): padding is not text, no loss reads it
         logits = self.student.mlm_logits(hidden[logit_rows]) if logit_rows is not None else None
-        return hidden, logits  # logits (rows, V)
+        return states, hidden, logits  # states: (B, T, H) each; hidden (N, H); logits (rows, V)
 
 
 @dataclass
@@ -263,8 +312,11 @@ def to_device(input_ids, attention_mask, labels, device: torch.device) -> Batch:
 
 def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
     """The paper's training loss on one masked micro-batch: alpha_ce * L_ce + alpha_mlm * L_mlm
-    + alpha_cos * L_cos (5, 2, 1), every term over the N real (non-pad) tokens. Returns (loss,
-    {term: value}). dtypes = (teacher dtype, student dtype) on the autocast device.
+    + alpha_cos * L_cos (5, 2, 1), every term over the N real (non-pad) tokens; and two terms for
+    teachers without an MLM head (LOSSES): alpha_hid * L_hid on the layers below the last, each
+    against the teacher layer it copies (layer_map), and alpha_pool * L_pool on the mean-pooled
+    sentence embedding. Returns (loss, {term: value}). dtypes = (teacher dtype, student dtype) on
+    the autocast device.
 
     Which rows get vocabulary logits: the (N, V) head is about a quarter of the student's FLOPs, so
     it runs only where a loss reads it. L_ce compares the teacher's and the student's distributions
@@ -273,20 +325,20 @@ def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
     on all N rows and L_mlm picks its rows from them; with L_ce off, logits on the predicted rows
     only; with both off, none. The teacher's logits are computed only for L_ce.
     """
-    from losses import L_ce, L_cos, L_mlm, total_loss
+    from losses import L_ce, L_cos, L_hid, L_mlm, L_pool, total_loss
     (t_dtype, s_dtype), device = dtypes, batch.input_ids.device.type
     input_ids, attention_mask, real, predicted = (batch.input_ids, batch.attention_mask,
                                                   batch.real, batch.predicted)
     with torch.no_grad(), torch.autocast(device, t_dtype, enabled=t_dtype != torch.float32):
-        t_out = teacher(input_ids, attention_mask, return_logits=False)
-        t_hidden = t_out.hidden_states[-1].flatten(0, 1)[real]  # (N, H)
+        t_states = teacher(input_ids, attention_mask, return_logits=False).hidden_states
+        t_hidden = t_states[-1].flatten(0, 1)[real]  # (N, H)
         t_logits = teacher.mlm_logits(t_hidden) if cfg.alpha_ce > 0 else None  # (N, V)
     if cfg.alpha_ce > 0:
         logit_rows = slice(None)
     else:
         logit_rows = predicted if cfg.alpha_mlm > 0 else None
     with torch.autocast(device, s_dtype, enabled=s_dtype != torch.float32):
-        s_hidden, s_logits = student(input_ids, attention_mask, real, logit_rows)
+        s_states, s_hidden, s_logits = student(input_ids, attention_mask, real, logit_rows)
     terms = {}
     if cfg.alpha_ce > 0:
         terms["ce"] = L_ce(s_logits, t_logits, cfg.temperature)
@@ -295,7 +347,15 @@ def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
         terms["mlm"] = L_mlm(s_logits, batch.labels)
     if cfg.alpha_cos > 0:
         terms["cos"] = L_cos(s_hidden, t_hidden.float())
-    weights = {"ce": cfg.alpha_ce, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos}
+    below = layer_map(len(t_states) - 1, len(s_states) - 1)[:-1]  # a 1-layer student: none
+    if cfg.alpha_hid > 0 and below:  # hidden_states[0] is the embeddings: layer i's is [i + 1]
+        terms["hid"] = L_hid([s_states[j + 1].flatten(0, 1)[real] for j in range(len(below))],
+                             [t_states[i + 1].flatten(0, 1)[real].float() for i in below])
+    if cfg.alpha_pool > 0:  # no attention mask means no padding: every position is a token
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        terms["pool"] = L_pool(s_states[-1], t_states[-1], mask)
+    weights = {"ce": cfg.alpha_ce, "mlm": cfg.alpha_mlm, "cos": cfg.alpha_cos,
+               "hid": cfg.alpha_hid, "pool": cfg.alpha_pool}
     return total_loss(terms, weights), terms
 
 
@@ -304,6 +364,9 @@ def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
 RUN_MARKER = "tinydistil-run.json"  # marks --out as ours: --overwrite replaces only our own files
 RUN_FILES = (RUN_MARKER, "checkpoints", "train_log.jsonl", "train_log.svg", "model.safetensors",
              "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json")
+# what a sentence-transformers teacher's student carries (tasks/zero_shot.py), replaced as well
+RUN_FILES += ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+              "1_Pooling", "2_Normalize")
 RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device", "data_dir",
                      "ddp_timeout"}
 
@@ -450,6 +513,7 @@ def save_checkpoint(out: Path, student, opt, step, data_position, mask_gen, cfg,
             shutil.rmtree(old, ignore_errors=True)
     student.save_pretrained(out)
     write_train_log_svg(out)
+    save_sentence_transformers_files(student, out)
 
 
 def check_checkpoint_space(out: Path, student):
@@ -458,6 +522,14 @@ def check_checkpoint_space(out: Path, student):
     weights = sum(p.numel() * p.element_size() for p in student.parameters())
     check_free_space(out, 4 * weights, "a checkpoint",
                      "free some space or choose another --out before training")
+
+
+def save_sentence_transformers_files(student, out: Path):
+    """A sentence-transformers teacher gives a sentence-transformers student: its modules.json,
+    pooling and settings are copied beside the student, so SentenceTransformer(out) loads it and
+    pools as the teacher (and as `eval stsb --zero-shot` scores it)."""
+    from tasks.zero_shot import copy_sentence_transformers_files
+    copy_sentence_transformers_files(student.source_dir, out)
 
 
 def read_checkpoint(cfg, out: Path, world: int) -> dict:
@@ -672,13 +744,17 @@ class TrainLog:
         ms = 1000 * seconds / n_steps
         self.peak_scale = max(self.peak_scale, self.seconds_at_peak / seconds)  # never above 100%
         mfu = self.seconds_at_peak / seconds / self.peak_scale
-        means = {k: sums.get(k, 0.0) / n_steps for k in ("loss", "ce", "mlm", "cos")}
+        names = ("loss", "ce", "mlm", "cos", "hid", "pool")
+        means = {k: sums.get(k, 0.0) / n_steps for k in names}
         rec = {"step": step, "loss": means["loss"], "loss_ce": means["ce"],
-               "loss_mlm": means["mlm"], "loss_cos": means["cos"], "lr": lr,
+               "loss_mlm": means["mlm"], "loss_cos": means["cos"], "loss_hid": means["hid"],
+               "loss_pool": means["pool"], "lr": lr,
                "grad_norm": grad_norm, "ms_per_step": ms,
                "tokens_per_s": self.tokens / seconds, "mfu": None if math.isnan(mfu) else mfu}
         eta = time.strftime("%H:%M:%S", time.gmtime(ms / 1000 * (self.total - step)))
-        terms = " | ".join(f"{k} {rec['loss_' + k]:.4f}" for k in ("ce", "mlm", "cos"))
+        shown = ("ce", "mlm", "cos") + tuple(k for k in ("hid", "pool")  # the head-less terms
+                                             if getattr(self.cfg, "alpha_" + k) > 0)
+        terms = " | ".join(f"{k} {rec['loss_' + k]:.4f}" for k in shown)
         mfu_text = f"MFU {100 * mfu:.1f}%"
         if rec["mfu"] is None:
             mfu_text = "MFU unknown (no native bfloat16)"
@@ -700,10 +776,6 @@ def load_teacher(cfg):
     """The teacher (paper: bert-base-uncased), checked against the settings that depend on it."""
     from model import BERT
     teacher = BERT.from_pretrained(cfg.teacher)
-    if cfg.alpha_ce > 0 and not teacher.config.mlm_head:
-        raise UserError(f"the teacher {cfg.teacher} has no MLM head, so there are no soft targets "
-                        f"for L_ce: pass --alpha-ce 0 (and --alpha-mlm 0 to skip its untrained "
-                        f"head)")
     if cfg.seq_len > teacher.config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len}: the teacher has only "
                         f"{teacher.config.max_position_embeddings} positions")
@@ -753,18 +825,22 @@ def pretrain(cfg: PretrainConfig):
     out, master = Path(cfg.out), dist.rank == 0
     echo = print if master else quiet
     with claim_out_dir(cfg, out, master):
-        state = read_checkpoint(cfg, out, dist.world) if cfg.resume else None
         data_dir(cfg.data_dir)  # a --data-dir or $TINYDISTIL_DATA that is a file: at once, too
         if cfg.data not in WIKITEXT:  # a missing corpus path fails before the teacher loads
             corpus_files(cfg.data, None)
-        echo(describe_recipe(cfg, dist.world))
-        if tf32 := use_tf32(dist.device):
-            echo(tf32)
         torch.manual_seed(cfg.seed + dist.rank)  # dropout (and a random student) differ per rank
         random.seed(cfg.seed)
 
-        # The teacher, the corpus, and the student made from the teacher (section 2).
+        # The teacher, the corpus, and the student made from the teacher (section 2). Whether the
+        # teacher has an MLM head decides the loss recipe (LOSSES), saved with the run.
         teacher = load_teacher(cfg)
+        cfg = resolve_losses(cfg, teacher.config.mlm_head)
+        state = read_checkpoint(cfg, out, dist.world) if cfg.resume else None
+        if master:
+            atomic_write(out / RUN_MARKER, json.dumps({"config": asdict(cfg)}, indent=1).encode())
+        echo(describe_recipe(cfg, dist.world, teacher.config.mlm_head))
+        if tf32 := use_tf32(dist.device):
+            echo(tf32)
         corpus = load_data(cfg, teacher, dist)
         student, layers = init_student(teacher, cfg.n_layer, cfg.student_init, cfg.train_positions)
         echo(f"student: {cfg.student_init} init from teacher layers {layers}, "
@@ -777,6 +853,7 @@ def pretrain(cfg: PretrainConfig):
         if total_steps == 0:
             if master:
                 student.save_pretrained(out)
+                save_sentence_transformers_files(student, out)
             echo(f"--max-steps 0: saved the initialised student to {out}")
             stop_processes(dist)
             return student
@@ -951,12 +1028,15 @@ def report(cfg: ReportConfig):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
+    from fit_head import FitHeadConfig, fit_head
     from tasks.finetune import EvalConfig, run
     commands = {  # name -> (config dataclass, positional fields, function, one-line help)
         "pretrain": (PretrainConfig, (), pretrain, "distil a student from a BERT teacher"),
         "eval": (EvalConfig, ("task",), run, "fine-tune and score a model on a task (or glue)"),
         "report": (ReportConfig, (), report, "render the paper's Tables 1 and 2 from the results"),
         "fill-mask": (FillMaskConfig, ("text",), fill_mask, "top predictions for [MASK] tokens"),
+        "fit-head": (FitHeadConfig, ("teacher",), fit_head,
+                     "fit an MLM head on a frozen encoder without one (a sentence encoder)"),
     }
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

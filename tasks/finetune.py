@@ -44,7 +44,7 @@ from common import (FolderLock, UserError, append_line, check_output_file, has_b
                     looks_like_path, lr_factor, pick_device, use_tf32, warmup_steps)
 from losses import total_loss
 from model import BERT, configure_optimizers
-from tasks import distill, glue, imdb, squad
+from tasks import distill, glue, imdb, squad, zero_shot
 from tasks.heads import TaskModel, task_head
 from tasks.metrics import accuracy
 
@@ -90,6 +90,8 @@ class EvalConfig:
     warmup: float = 0.1                       # fraction of the steps with linearly rising lr
     weight_decay: float = 0.01
     out: Optional[str] = None                 # save the model of --seed here (glue: DIR/<task>)
+    zero_shot: bool = False                   # stsb: score the encoder as it is, no training
+    pooling: Optional[str] = None             # zero-shot: mean or cls; None: the model's, else mean
 
 
 # ----------------------------------------------------------------------------- settings
@@ -351,6 +353,11 @@ def run(cfg: EvalConfig) -> dict:
     """Fine-tune cfg.model on cfg.task (with --seeds, once per seed), score it, append the results
     line and return it. task "glue" runs the nine GLUE tasks and returns {task: line}."""
     check_config(cfg)
+    if cfg.zero_shot:  # no training at all: the encoder's own sentence embeddings
+        zero_shot.check_config(cfg)
+        return zero_shot.run(cfg)
+    if cfg.pooling is not None:
+        raise UserError("--pooling is for --zero-shot: fine-tuning uses the task's head")
     if tf32 := use_tf32(pick_device(cfg.device)):
         print(tf32)
     with FolderLock(cfg.out) if cfg.out else contextlib.nullcontext():  # one eval per --out

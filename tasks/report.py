@@ -12,6 +12,8 @@ several seeds is their median with the min-max spread beside it; "†" marks a r
 subset or for fewer epochs than the task's recipe, i.e. not the paper's protocol. Retention rows
 give each other row's numbers as a percentage of the teacher's, as the paper's "97% of BERT" is
 77.0 / 79.5. The teacher is the model named by --teacher, by default bert-base-uncased if present.
+Lines of `eval stsb --zero-shot` ("zero_shot": true: nothing fine-tuned) get a table of their own,
+a row per model and pooling, never mixed with the fine-tuned STS-B column.
 Paper: Sanh et al. 2019 (arXiv 1910.01108v4), section 4 and 4.1, Tables 1 and 2.
 """
 
@@ -54,12 +56,41 @@ def latest(results_path):
             continue
         try:
             line = json.loads(text)
+            if line.get("zero_shot"):  # no fine-tuning: its own table (zero_shot_rows)
+                continue
             row = str(line["model"]) + (" (D)" if line.get("teacher") else "")
             out.setdefault(row, {})[str(line["task"])] = {**line, "metrics": dict(line["metrics"])}
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}:{n} is not a results line ({e!r}): "
                             f"fix or delete that line") from e
     return out
+
+
+def zero_shot_rows(results_path):
+    """{(model, pooling): results line} of `eval stsb --zero-shot`, the latest of each."""
+    out = {}
+    for text in Path(results_path).read_text(encoding="utf-8").splitlines():
+        line = json.loads(text) if text.strip() else {}
+        if line.get("zero_shot"):
+            out[(str(line["model"]), str(line.get("pooling")))] = line
+    return out
+
+
+def _zero_shot_table(results_path, teacher):
+    """Zero-shot STS-B dev, apart from the fine-tuned rows: Spearman and Pearson x 100, and each
+    row's Spearman as a percentage of the teacher's with the same pooling."""
+    rows = zero_shot_rows(results_path)
+    lines = ["| Model | Pooling | Spearman | Pearson | Spearman, % of teacher |",
+             "|---|---|---:|---:|---:|"]
+    for (model, pooling), line in rows.items():
+        base = rows.get((teacher, pooling)) if model != teacher else None
+        share = (f"{100 * line['metrics']['spearman'] / base['metrics']['spearman']:.1f}"
+                 if base and base["metrics"]["spearman"] else "-")
+        name = model.replace("|", "\\|")
+        lines.append(f"| {name} | {pooling} | "
+                     f"{100 * line['metrics']['spearman']:.2f} | "
+                     f"{100 * line['metrics']['pearson']:.2f} | {share} |")
+    return "\n".join(lines)
 
 
 def _off_protocol(line):
@@ -168,9 +199,11 @@ def _notes(results):
 def render(results_path, teacher=None):
     """Markdown with Table 1 (GLUE dev) and Table 2 (IMDb test, SQuAD dev)."""
     results = latest(results_path)
+    zero_shot = zero_shot_rows(results_path)
+    zero_shot_models = {model for model, _ in zero_shot}
     if teacher is None:
         teacher = DEFAULT_TEACHER if DEFAULT_TEACHER in results else None
-    elif teacher not in results:
+    elif teacher not in results and teacher not in zero_shot_models:
         raise UserError(f"teacher {teacher!r} has no results in {results_path}: "
                         f"models there: {', '.join(results)}")
     headings = tuple(glue.TASKS[t].dir for t in GLUE_COLUMNS)
@@ -193,7 +226,11 @@ def render(results_path, teacher=None):
         "Paper rows: Sanh et al. 2019, Table 2. (D): a second distillation step during "
         "fine-tuning, from a teacher fine-tuned on the task (`eval --teacher`); the paper's is "
         "SQuAD's." + retention,
-    ] + _notes(results)) + "\n"
+    ] + _notes(results) + ([
+        "## Zero-shot STS-B dev (no fine-tuning)", _zero_shot_table(results_path, teacher),
+        "`eval stsb --zero-shot`: the cosine of the two sentences' pooled last hidden states "
+        "against the gold scores, over all dev pairs, in percent (tasks/zero_shot.py).",
+    ] if zero_shot else [])) + "\n"
 
 
 def render_svg(results_path, teacher=None):
