@@ -1,0 +1,182 @@
+"""fast.py: the fast CPU inference modes of bench.py, chosen from what this CPU has, and the memory
+bound they are measured against (paper section 4.2, Table 3, and past it: the int8 and bfloat16
+students a deployer would run). Plumbing: the method is in model.py; nothing here trains.
+
+    import fast
+    kind = fast.detect_cpu()                 # flags, torch's capability, the int8 engine, bf16
+    with fast.quantized_engine(kind.int8_engine):
+        ...                                  # int8 weights packed for that engine's kernels
+    graph = fast.compile_frozen(model, x)    # one frozen graph: no Python between operators
+    fast.copy_bandwidth()                    # bytes/s one thread copies, STREAM's way of counting
+    fast.pass_bytes(model, "int8")           # bytes of weights one batch-1 pass must read
+
+At batch size 1 every weight matrix is read once per pass and used for a few dozen tokens, so the
+time a pass needs at least is the bytes of its weights over the memory bandwidth: DistilBERT's 42.5M
+layer weights are 170 MB in float32, 85 MB in bfloat16, 43 MB in int8. The rest is arithmetic and
+the overhead of running about a hundred small operators one by one from Python.
+"""
+import contextlib
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import UserError
+from model import BERT
+
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+
+# ----------------------------------------------------------------------------- the CPU
+
+def cpu_flags(cpuinfo=Path("/proc/cpuinfo")) -> frozenset:
+    """The instruction-set flags the kernel reports for the first CPU (empty where unknown)."""
+    if not cpuinfo.is_file():
+        return frozenset()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class CpuKind:
+    """What the fast modes need to know about a CPU: its name, flags and torch's capability level
+    (torch.backends.cpu.get_cpu_capability(): DEFAULT, AVX2, AVX512, AVX512_BF16, AMX...)."""
+    name: str
+    flags: frozenset
+    capability: str
+
+    @property
+    def vnni(self) -> bool:
+        """8-bit dot products summed in int32 in one instruction (VNNI, or AMX's tiles)."""
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.flags)
+
+    @property
+    def native_bf16(self) -> bool:
+        """bfloat16 dot products in hardware; elsewhere they are emulated, slower than float32."""
+        return bool({"avx512_bf16", "amx_bf16"} & self.flags)
+
+    @property
+    def int8_engine(self) -> str:
+        """The quantized engine whose dynamic int8 Linear is fastest here. oneDNN uses VNNI and
+        AMX; fbgemm is tuned for AVX2 and AVX-512 without them (scripts/bench/probe_cpu_modes.py
+        measures both: on Zen 5 with VNNI oneDNN's kernels take 0.75x fbgemm's time, on Sapphire
+        Rapids with AMX about 0.5x)."""
+        engines = torch.backends.quantized.supported_engines
+        if self.vnni and "onednn" in engines:
+            return "onednn"
+        return "fbgemm" if "fbgemm" in engines else torch.backends.quantized.engine
+
+    def describe(self) -> str:
+        """One line: the model name and what the fast modes use of it."""
+        units = [f for f in ("amx_int8", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx_vnni",
+                             "avx512f", "avx2") if f in self.flags]
+        return (f"{self.name} ({', '.join(units) or 'no AVX2'}; torch {self.capability}): int8 "
+                f"through {self.int8_engine}, bfloat16 "
+                f"{'native' if self.native_bf16 else 'emulated, left out'}")
+
+
+def cpu_model_name(cpuinfo=Path("/proc/cpuinfo")) -> str:
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return "unknown CPU"
+
+
+def detect_cpu() -> CpuKind:
+    return CpuKind(cpu_model_name(), cpu_flags(), torch.backends.cpu.get_cpu_capability())
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str):
+    """Pack int8 weights for engine: a packed weight keeps the kernels it was packed for."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+# ----------------------------------------------------------------------------- the memory bound
+
+def pass_bytes(model: nn.Module, mode: str) -> int:
+    """Bytes of weights one batch-1 pass of model (a BERT) must read in mode: every weight matrix
+    of the layers and the pooler at the mode's width (int8: 1 byte, and a float32 scale per row),
+    their biases and LayerNorms at float32 (int8) or the mode's width. The embedding tables are
+    left out: a pass reads only its tokens' rows of them."""
+    dtype = mode.partition("+")[0]
+    width = BYTES_PER_WEIGHT[dtype]
+    small = 4 if dtype == "int8" else width
+    total = 0
+    for module in [*model.layers, model.pooler]:
+        for p in module.parameters() if module is not None else ():
+            if p.dim() == 2:
+                total += p.numel() * width + (4 * p.shape[0] if dtype == "int8" else 0)
+            else:
+                total += p.numel() * small
+    return total
+
+
+def copy_bandwidth(mib=256, repeats=5) -> float:
+    """Bytes per second one thread moves copying a buffer of mib MiB (far larger than the caches)
+    into another, counted as STREAM's Copy counts: bytes read plus bytes written. Best of
+    repeats, after one untimed copy that maps the pages."""
+    src = torch.ones(mib << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dst.copy_(src)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * src.numel() / best
+
+
+def floor_seconds(n_bytes: int, bandwidth: float) -> float:
+    """The least time reading n_bytes can take at bandwidth bytes/s."""
+    return n_bytes / bandwidth
+
+
+# ----------------------------------------------------------------------------- without Python
+
+def cpp_compiler():
+    """The C++ compiler torch.compile's CPU code generator would call ($CXX, g++, clang++), or
+    None."""
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def compile_frozen(model: nn.Module) -> nn.Module:
+    """model as one graph compiled by torch.compile (inductor), with no Python between operators:
+    its weights frozen in as constants (so LayerNorms, GELUs and residual adds fuse into a few C++
+    loops and weights are packed once), the graph driven from C++ (cpp_wrapper), one graph for
+    every sequence length (dynamic). It compiles on the first call, which it makes here and times:
+    .compile_seconds."""
+    if cpp_compiler() is None:
+        raise UserError("the compiled modes need a C++ compiler for torch.compile (g++ or "
+                        "clang++, or $CXX): install one (apt install g++) or leave them out")
+    import torch._inductor.config as inductor
+    inductor.freezing = True  # read whenever a graph compiles, so set for them all
+    inductor.cpp_wrapper = True
+    graph = torch.compile(model, dynamic=True, fullgraph=True)
+    example = torch.zeros((1, 16), dtype=torch.long)  # any ids, any length but 0 and 1
+    as_bench_calls_it = {"return_logits": False} if isinstance(model, BERT) else {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        graph(example, **as_bench_calls_it)
+    graph.compile_seconds = time.perf_counter() - start
+    return graph
