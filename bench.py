@@ -21,9 +21,14 @@ the column then names.
 
 Modes: CPU float32, bfloat16 (weights and activations), int8 (every Linear: int8 weights,
 activations quantised per call); CUDA float32, float16, bfloat16. "+cls" makes the last layer
-compute the [CLS] row only, all an STS-B or SST-2 head reads. Every mode runs with q/k/v fused into
-one matmul. These are inference-only rewrites of a loaded model, kept here so that model.py stays
-simple.
+compute the [CLS] row only, all an STS-B or SST-2 head reads; "+compiled" runs the model as one
+graph compiled by torch.compile, with no Python between operators (fast.py). Every mode runs with
+q/k/v fused into one matmul. These are inference-only rewrites of a loaded model, kept here so that
+model.py stays simple. Which CPU modes run unless --dtypes says otherwise follows from the CPU
+(fast.CpuKind): int8 through the quantized engine fastest on it (oneDNN with VNNI or AMX, else
+fbgemm), bfloat16 only where it is native, the compiled modes only with a C++ compiler. Each CPU
+row also shows its memory bound: the megabytes of weights one pass reads, and its time as a
+multiple of the least time that reading can take at the copy bandwidth measured in the run.
 """
 import copy
 import json
