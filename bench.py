@@ -190,7 +190,7 @@ class Int8Linear(nn.Module):
 
 def prepare(model: nn.Module, mode: str, device) -> nn.Module:
     """A copy of model (a BERT or a TaskModel) rewritten for inference in one mode: a dtype, then
-    "+cls" (the last layer on [CLS] only) and "+compiled" (one frozen graph, fast.compile_frozen)."""
+    "+cls" (the last layer on [CLS] only) and "+compiled" (one graph: fast.compile_frozen)."""
     dtype, *options = mode.split("+")
     if "compiled" in options:
         m = prepare(model, mode.replace("+compiled", ""), device)
