@@ -69,16 +69,22 @@ CPU = fast.detect_cpu()  # the int8 engine and whether bfloat16 is native follow
 VNNI = CPU.vnni
 
 
+def needs_compiler(mode: str) -> bool:
+    """Whether a mode compiles C++ (inductor): the compiled float modes."""
+    return "compiled" in mode and not mode.startswith("int8")
+
+
 def cpu_modes(kind: fast.CpuKind = CPU, compiler=True) -> tuple:
     """(the CPU modes a run times unless told, why others are left out): bfloat16 only where it is
-    native, the compiled modes only where there is a C++ compiler for them (fast.cpp_compiler)."""
+    native, the compiled float modes only with a C++ compiler for inductor (fast.cpp_compiler);
+    the compiled int8 mode is TorchScript, which needs none."""
     modes, notes = list(MODES["cpu"]), []
     if not kind.native_bf16:
         modes = [m for m in modes if not m.startswith("bfloat16")]
         notes.append("bfloat16 left out: not native on this CPU (no avx512_bf16 or amx_bf16)")
     if not compiler:
-        modes = [m for m in modes if "compiled" not in m]
-        notes.append("compiled modes left out: no C++ compiler for torch.compile (g++, clang++)")
+        modes = [m for m in modes if not needs_compiler(m)]
+        notes.append("compiled float modes left out: no C++ compiler for torch.compile (g++)")
     return tuple(modes), notes
 
 
@@ -149,21 +155,6 @@ class CLSOnlyBlock(nn.Module):
         return b.output_layer_norm(x + b.ffn(x))
 
 
-PACKED_WEIGHTS = []  # every Int8Linear's packed weight, by its index: what int8_linear is given
-
-
-@torch.library.custom_op("tinydistil::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, index: int, out_features: int, reduce_range: bool) -> torch.Tensor:
-    """Int8Linear as one operator torch.compile can put in its graph: the packed weight (an opaque
-    object the compiler cannot trace) is looked up by its index in PACKED_WEIGHTS."""
-    return torch.ops.quantized.linear_dynamic(x, PACKED_WEIGHTS[index], reduce_range)
-
-
-@int8_linear.register_fake
-def _(x, index, out_features, reduce_range):  # the output's shape, for the compiler's tracing
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights, one scale per output row, run by the dynamic kernel of the
     quantized engine fastest on this CPU (fast.CpuKind.int8_engine): each call quantises x to 8
@@ -180,11 +171,8 @@ class Int8Linear(nn.Module):
             qw = torch.quantize_per_channel(w, scale, zero_points, 0, torch.qint8)
         with fast.quantized_engine(CPU.int8_engine):  # the packed weight keeps its engine
             self.packed = torch.ops.quantized.linear_prepack(qw, lin.bias.detach().float())
-        self.index, self.out_features = None, lin.out_features  # index: set when compiled
 
     def forward(self, x):
-        if torch.compiler.is_compiling():  # the same kernel, as an operator the graph can hold
-            return int8_linear(x, self.index, self.out_features, not VNNI)
         return torch.ops.quantized.linear_dynamic(x, self.packed, not VNNI)
 
 
@@ -192,12 +180,9 @@ def prepare(model: nn.Module, mode: str, device) -> nn.Module:
     """A copy of model (a BERT or a TaskModel) rewritten for inference in one mode: a dtype, then
     "+cls" (the last layer on [CLS] only) and "+compiled" (one graph: fast.compile_frozen)."""
     dtype, *options = mode.split("+")
-    if "compiled" in options:
+    if "compiled" in options:  # int8's packed weights are opaque to torch.compile: TorchScript
         m = prepare(model, mode.replace("+compiled", ""), device)
-        for q in [q for q in m.modules() if isinstance(q, Int8Linear)]:
-            q.index = len(PACKED_WEIGHTS)
-            PACKED_WEIGHTS.append(q.packed)
-        return fast.compile_frozen(m)
+        return fast.compile_frozen(m, script=dtype == "int8")
     m, cls_only = copy.deepcopy(model).eval(), "cls" in options
     for parent in list(m.modules()):
         if isinstance(parent, BERT) and cls_only:
@@ -454,7 +439,7 @@ def check_config(cfg: BenchConfig):
     if not any(m in MODES[d.type] for m in modes for d in devices):
         raise UserError(f"--dtypes {cfg.dtypes}: none of them runs on "
                         f"{' or '.join(str(d) for d in devices)}")
-    if any("compiled" in m for m in modes) and fast.cpp_compiler() is None:
+    if any(needs_compiler(m) for m in modes) and fast.cpp_compiler() is None:
         raise UserError(f"--dtypes {cfg.dtypes}: the compiled modes need a C++ compiler for "
                         f"torch.compile (g++, clang++ or $CXX): install one or leave them out")
     if cfg.task not in ("", "sst2"):

@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from common import UserError
-from model import BERT
+from model import BERT, Output
 
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
@@ -160,19 +161,22 @@ def cpp_compiler():
     return None
 
 
-def compile_frozen(model: nn.Module) -> nn.Module:
+def compile_frozen(model: nn.Module, script=False) -> nn.Module:
     """model as one graph compiled by torch.compile (inductor), with no Python between operators:
     its weights frozen in as constants (so LayerNorms, GELUs and residual adds fuse into a few C++
     loops and weights are packed once), the graph driven from C++ (cpp_wrapper), one graph for
-    every sequence length (dynamic). It compiles on the first call, which it makes here and times:
-    .compile_seconds."""
-    if cpp_compiler() is None:
+    every sequence length (dynamic). script: TorchScript instead (FrozenScript), for int8. It
+    compiles on the first call, which it makes here and times: .compile_seconds."""
+    if script:
+        graph = FrozenScript(model)
+    elif cpp_compiler() is None:
         raise UserError("the compiled modes need a C++ compiler for torch.compile (g++ or "
                         "clang++, or $CXX): install one (apt install g++) or leave them out")
-    import torch._inductor.config as inductor
-    inductor.freezing = True  # read whenever a graph compiles, so set for them all
-    inductor.cpp_wrapper = True
-    graph = torch.compile(model, dynamic=True, fullgraph=True)
+    else:
+        import torch._inductor.config as inductor
+        inductor.freezing = True  # read whenever a graph compiles, so set for them all
+        inductor.cpp_wrapper = True
+        graph = torch.compile(model, dynamic=True, fullgraph=True)
     ids = torch.zeros((1, 16), dtype=torch.long)  # any ids, any length but 0 and 1
     example = {"input_ids": ids}
     if isinstance(model, BERT):  # as bench.py calls it: a new call signature compiles anew
@@ -183,3 +187,48 @@ def compile_frozen(model: nn.Module) -> nn.Module:
         graph(**example)
     graph.compile_seconds = time.perf_counter() - start
     return graph
+
+
+class TensorsOnly(nn.Module):
+    """model called with the given inputs by name, its Output as a tuple of tensors: what
+    TorchScript's tracer takes."""
+
+    def __init__(self, model: nn.Module, names: tuple):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors):
+        kwargs = dict(zip(self.names, tensors))
+        if not isinstance(self.model, BERT):  # a TaskModel: its logits
+            return self.model(**kwargs)
+        out = self.model(**kwargs, return_logits=False)
+        pooled = () if out.pooler_output is None else (out.pooler_output,)
+        return (out.hidden_states[-1], *pooled)
+
+
+class FrozenScript(nn.Module):
+    """model (a BERT or TaskModel) run by TorchScript, no Python between operators: traced on its
+    first call with each set of inputs given (input_ids and, or not, a mask and token types), then
+    frozen, its weights and int8 packed weights folded in as constants. The compiled form of the
+    int8 modes, whose packed weights torch.compile cannot trace; needs no C++ compiler. A BERT
+    returns only its last hidden states (and pooler output): all a head reads."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.graphs = model, {}
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, return_logits=False):
+        given = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "token_type_ids": token_type_ids}
+        given = {name: t for name, t in given.items() if t is not None}
+        names = tuple(given)
+        if names not in self.graphs:
+            with warnings.catch_warnings():  # the tracer notes BERT's length check: it is kept
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                traced = torch.jit.trace(TensorsOnly(self.model, names), tuple(given.values()),
+                                         check_trace=False)
+            self.graphs[names] = torch.jit.freeze(traced.eval())
+        out = self.graphs[names](*given.values())
+        if not isinstance(self.model, BERT):
+            return out
+        return Output((out[0],), None, out[1] if len(out) > 1 else None)

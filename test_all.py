@@ -3389,18 +3389,19 @@ class TestFast:
         assert ("bfloat16" in modes) == bf16 and "int8+cls+compiled" in modes
         assert bf16 or "bfloat16 left out: not native" in notes[0]
         modes, notes = bench.cpu_modes(kind, compiler=False)
-        assert not any("compiled" in m for m in modes) and "no C++ compiler" in notes[-1]
+        assert not any(bench.needs_compiler(m) for m in modes) and "int8+cls+compiled" in modes
+        assert "no C++ compiler" in notes[-1]
 
     def test_the_default_modes_follow_the_cpu(self, monkeypatch):
         monkeypatch.setattr(bench, "CPU", self.kind("avx2"))
         monkeypatch.setattr(fast, "cpp_compiler", lambda: None)
         _, _, modes = bench.check_config(bench.BenchConfig(models=TINY_BERT, device="cpu"))
-        assert modes == ["float32", "int8", "int8+cls"]
+        assert modes == ["float32", "int8", "int8+cls", "int8+cls+compiled"]
 
     def test_a_compiled_mode_without_a_compiler_is_one_line(self, monkeypatch, capsys):
         monkeypatch.setattr(fast, "cpp_compiler", lambda: None)
         with pytest.raises(SystemExit):
-            bench.main(["--models", TINY_BERT, "--dtypes", "int8+cls+compiled"])
+            bench.main(["--models", TINY_BERT, "--dtypes", "int8+cls,bfloat16+compiled"])
         err = capsys.readouterr().err
         assert re.fullmatch(r"error: [^\n]+C\+\+ compiler[^\n]+\n", err)
         with pytest.raises(UserError, match="C\\+\\+ compiler"):
@@ -3440,17 +3441,24 @@ class TestFast:
         monkeypatch.undo()
         assert fast.copy_bandwidth(mib=16, repeats=1) > 1e8  # the real clock: over 0.1 GB/s
 
-    @pytest.mark.slow  # compiles two graphs with inductor: a minute on 2 busy cores
-    def test_compiled_modes_equal_their_eager_forms(self):
-        model = BERT.from_pretrained(TINY_DISTILBERT)
+    @pytest.mark.parametrize("mode", [
+        "int8+cls",  # TorchScript: a fraction of a second
+        pytest.param("bfloat16", marks=pytest.mark.slow),  # inductor: up to a minute, busy
+    ])
+    def test_compiled_modes_equal_their_eager_forms(self, mode):
+        model = BERT.from_pretrained(TINY_BERT)  # with token types
+        eager = bench.prepare(model, mode, "cpu")
+        graph = bench.prepare(model, mode + "+compiled", "cpu")  # compiled at length 16
+        assert graph.compile_seconds > 0
         with torch.inference_mode():
-            for mode in ("int8+cls", "bfloat16"):
-                eager = bench.prepare(model, mode, "cpu")
-                graph = bench.prepare(model, mode + "+compiled", "cpu")
-                assert graph.compile_seconds > 0
-                for T in (7, 23):  # one graph for every length
-                    x = torch.randint(5, model.config.vocab_size, (1, T))
-                    want = eager(x, return_logits=False).hidden_states[-1].float()
-                    got = graph(x, return_logits=False).hidden_states[-1].float()
-                    assert got.shape == want.shape
-                    assert F.cosine_similarity(got, want, dim=-1).min() > 0.999, (mode, T)
+            for T in (7, 23):  # one graph for every length
+                x = torch.randint(5, model.config.vocab_size, (1, T))
+                types = torch.zeros_like(x)
+                want = eager(x, None, types, return_logits=False)
+                got = graph(x, None, types, return_logits=False)
+                pairs = [(got.hidden_states[-1], want.hidden_states[-1])]
+                if want.pooler_output is not None:
+                    pairs.append((got.pooler_output, want.pooler_output))
+                for a, b in pairs:
+                    assert a.shape == b.shape
+                    assert F.cosine_similarity(a.float(), b.float(), dim=-1).min() > 0.999, T
