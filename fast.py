@@ -65,9 +65,9 @@ class CpuKind:
     @property
     def int8_engine(self) -> str:
         """The quantized engine whose dynamic int8 Linear is fastest here. oneDNN uses VNNI and
-        AMX; fbgemm is tuned for AVX2 and AVX-512 without them (scripts/bench/probe_cpu_modes.py
-        measures both: on Zen 5 with VNNI oneDNN's kernels take 0.75x fbgemm's time, on Sapphire
-        Rapids with AMX about 0.5x)."""
+        AMX; fbgemm is tuned for AVX2 and AVX-512 without them. scripts/bench/probe_cpu_modes.py
+        measures them (studies/cpu_modes.md): on Zen 5 (VNNI) oneDNN's kernel alone takes 0.7 to
+        0.9x fbgemm's time, a whole pass about the same; issue 20 saw 0.5x with AMX."""
         engines = torch.backends.quantized.supported_engines
         if self.vnni and "onednn" in engines:
             return "onednn"
