@@ -441,8 +441,8 @@ def check_config(cfg: BenchConfig):
         raise UserError(f"--dtypes {cfg.dtypes}: none of them runs on "
                         f"{' or '.join(str(d) for d in devices)}")
     if any(needs_compiler(m) for m in modes) and fast.cpp_compiler() is None:
-        raise UserError(f"--dtypes {cfg.dtypes}: the compiled modes need a C++ compiler for "
-                        f"torch.compile (g++, clang++ or $CXX): install one or leave them out")
+        raise UserError(f"--dtypes {cfg.dtypes}: the compiled float modes need a C++ compiler "
+                        f"for torch.compile (g++, clang++ or $CXX): install one or leave them out")
     if cfg.task not in ("", "sst2"):
         raise UserError(f"--task {cfg.task}: the only task is sst2 (or none)")
     if cfg.threads < 1 or cfg.limit < 0:

@@ -6,7 +6,8 @@ students a deployer would run). Plumbing: the method is in model.py; nothing her
     kind = fast.detect_cpu()                 # flags, torch's capability, the int8 engine, bf16
     with fast.quantized_engine(kind.int8_engine):
         ...                                  # int8 weights packed for that engine's kernels
-    graph = fast.compile_frozen(model, x)    # one frozen graph: no Python between operators
+    graph = fast.compile_frozen(model)       # one frozen graph: no Python between operators
+    graph = fast.compile_frozen(model, script=True)   # the same by TorchScript (int8)
     fast.copy_bandwidth()                    # bytes/s one thread copies, STREAM's way of counting
     fast.pass_bytes(model, "int8")           # bytes of weights one batch-1 pass must read
 
