@@ -212,7 +212,8 @@ class FrozenScript(nn.Module):
     first call with each set of inputs given (input_ids and, or not, a mask and token types), then
     frozen, its weights and int8 packed weights folded in as constants. The compiled form of the
     int8 modes, whose packed weights torch.compile cannot trace; needs no C++ compiler. A BERT
-    returns only its last hidden states (and pooler output): all a head reads."""
+    returns only its last hidden states (and pooler output): all a head reads. torch 2.13 marks
+    TorchScript deprecated; until torch.compile traces packed int8 weights it is the way here."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -224,11 +225,12 @@ class FrozenScript(nn.Module):
         given = {name: t for name, t in given.items() if t is not None}
         names = tuple(given)
         if names not in self.graphs:
-            with warnings.catch_warnings():  # the tracer notes BERT's length check: it is kept
+            with warnings.catch_warnings():  # its deprecation, and BERT's length check kept
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
                 traced = torch.jit.trace(TensorsOnly(self.model, names), tuple(given.values()),
                                          check_trace=False)
-            self.graphs[names] = torch.jit.freeze(traced.eval())
+                self.graphs[names] = torch.jit.freeze(traced.eval())
         out = self.graphs[names](*given.values())
         if not isinstance(self.model, BERT):
             return out
