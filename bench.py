@@ -21,9 +21,14 @@ the column then names.
 
 Modes: CPU float32, bfloat16 (weights and activations), int8 (every Linear: int8 weights,
 activations quantised per call); CUDA float32, float16, bfloat16. "+cls" makes the last layer
-compute the [CLS] row only, all an STS-B or SST-2 head reads. Every mode runs with q/k/v fused into
-one matmul. These are inference-only rewrites of a loaded model, kept here so that model.py stays
-simple.
+compute the [CLS] row only, all an STS-B or SST-2 head reads; "+compiled" runs the model as one
+graph compiled by torch.compile, with no Python between operators (fast.py). Every mode runs with
+q/k/v fused into one matmul. These are inference-only rewrites of a loaded model, kept here so that
+model.py stays simple. Which CPU modes run unless --dtypes says otherwise follows from the CPU
+(fast.CpuKind): int8 through the quantized engine fastest on it (oneDNN with VNNI or AMX, else
+fbgemm), bfloat16 only where it is native, the compiled modes only with a C++ compiler. Each CPU
+row also shows its memory bound: the megabytes of weights one pass reads, and its time as a
+multiple of the least time that reading can take at the copy bandwidth measured in the run.
 """
 import copy
 import json
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import fast
 from common import (UserError, atomic_write, build_parser, check_output_file, looks_like_path,
                     os_error_line, pick_device, sync, use_tf32)
 from hub import NoCheckpointFolder, checkpoint_folder
@@ -49,7 +55,8 @@ from tasks.heads import TaskModel
 STAND_IN = Path(__file__).resolve().parent / "fixtures" / "bench"  # pairs; bert-base-uncased vocab
 PAPER = [("ELMo", 180, 895), ("BERT-base", 110, 668), ("DistilBERT", 66, 410)]  # M params, seconds
 PRESETS = ("bert-base-uncased", "distilbert-base-uncased")
-MODES = {"cpu": ("float32", "bfloat16", "int8", "int8+cls"),
+MODES = {"cpu": ("float32", "bfloat16", "int8", "int8+cls", "float32+compiled",
+                 "bfloat16+compiled", "int8+cls+compiled"),
          "cuda": ("float32", "float16", "bfloat16")}
 ALL_MODES = tuple(dict.fromkeys(MODES["cpu"] + MODES["cuda"]))
 ALL_THREADS = torch.get_num_threads()  # before --threads: the throughput runs use them all
@@ -57,17 +64,29 @@ MAX_LEN = 128  # as in fine-tuning; the longest STS-B dev pair has 87 tokens
 WARMUP = 10  # examples run before the clock starts
 
 
-def cpu_has_vnni() -> bool:
-    """fbgemm sums int8 products pairwise in int16 unless the CPU has VNNI; without it, 7-bit
-    activations keep those sums from overflowing."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return False
-    flags = cpuinfo.read_text()
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+CPU = fast.detect_cpu()  # the int8 engine and whether bfloat16 is native follow from it
+# fbgemm sums int8 products pairwise in int16 unless the CPU has VNNI; without it, 7-bit
+# activations keep those sums from overflowing.
+VNNI = CPU.vnni
 
 
-VNNI = cpu_has_vnni()
+def needs_compiler(mode: str) -> bool:
+    """Whether a mode compiles C++ (inductor): the compiled float modes."""
+    return "compiled" in mode and not mode.startswith("int8")
+
+
+def cpu_modes(kind: fast.CpuKind = CPU, compiler=True) -> tuple:
+    """(the CPU modes a run times unless told, why others are left out): bfloat16 only where it is
+    native, the compiled float modes only with a C++ compiler for inductor (fast.cpp_compiler);
+    the compiled int8 mode is TorchScript, which needs none."""
+    modes, notes = list(MODES["cpu"]), []
+    if not kind.native_bf16:
+        modes = [m for m in modes if not m.startswith("bfloat16")]
+        notes.append("bfloat16 left out: not native on this CPU (no avx512_bf16 or amx_bf16)")
+    if not compiler:
+        modes = [m for m in modes if not needs_compiler(m)]
+        notes.append("compiled float modes left out: no C++ compiler for torch.compile (g++)")
+    return tuple(modes), notes
 
 
 @dataclass
@@ -138,10 +157,10 @@ class CLSOnlyBlock(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with int8 weights, one scale per output row, run by fbgemm's dynamic kernel: each
-    call quantises x to 8 bits over its range, sums products in int32, returns float32. Per-row
-    weight scales and 8-bit (not torch's default 7-bit) activations keep it close to float32 on
-    real checkpoints."""
+    """nn.Linear with int8 weights, one scale per output row, run by the dynamic kernel of the
+    quantized engine fastest on this CPU (fast.CpuKind.int8_engine): each call quantises x to 8
+    bits over its range, sums products in int32, returns float32. Per-row weight scales and 8-bit
+    (not torch's default 7-bit) activations keep it close to float32 on real checkpoints."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -151,15 +170,21 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # torch marks its eager quantisation deprecated for torchao
             warnings.simplefilter("ignore")
             qw = torch.quantize_per_channel(w, scale, zero_points, 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(qw, lin.bias.detach().float())
+        with fast.quantized_engine(CPU.int8_engine):  # the packed weight keeps its engine
+            self.packed = torch.ops.quantized.linear_prepack(qw, lin.bias.detach().float())
 
     def forward(self, x):
         return torch.ops.quantized.linear_dynamic(x, self.packed, not VNNI)
 
 
 def prepare(model: nn.Module, mode: str, device) -> nn.Module:
-    """A copy of model (a BERT or a TaskModel) rewritten for inference in one mode."""
-    m, (dtype, _, cls_only) = copy.deepcopy(model).eval(), mode.partition("+")
+    """A copy of model (a BERT or a TaskModel) rewritten for inference in one mode: a dtype, then
+    "+cls" (the last layer on [CLS] only) and "+compiled" (one graph: fast.compile_frozen)."""
+    dtype, *options = mode.split("+")
+    if "compiled" in options:  # int8's packed weights are opaque to torch.compile: TorchScript
+        m = prepare(model, mode.replace("+compiled", ""), device)
+        return fast.compile_frozen(m, script=dtype == "int8")
+    m, cls_only = copy.deepcopy(model).eval(), "cls" in options
     for parent in list(m.modules()):
         if isinstance(parent, BERT) and cls_only:
             parent.layers[-1] = CLSOnlyBlock(parent.layers[-1])
@@ -302,14 +327,15 @@ def time_passes(runs: dict, n: int) -> dict:
 
 
 def sst2_accuracy(task_model, tok, examples, mode: str, device) -> float:
-    """SST-2 dev accuracy of a fine-tuned TaskModel in one mode (batches of 32, padded)."""
+    """SST-2 dev accuracy of a fine-tuned TaskModel in one mode, a sentence at a time as the modes
+    are timed: int8 quantises each call's activations over their range, which in a padded batch
+    the other sentences (and the padding) would set."""
     model, correct = prepare(task_model, mode, device), 0
     with torch.inference_mode():
-        for i in tqdm(range(0, len(examples), 32), desc=f"sst2 {mode}", leave=False):
-            batch = examples[i:i + 32]
-            x = data.encode_batch(tok, [e.text_a for e in batch], max_len=MAX_LEN)
+        for e in tqdm(examples, desc=f"sst2 {mode}", leave=False):
+            x = data.encode_batch(tok, [e.text_a], max_len=MAX_LEN)
             pred = model(**{k: v.to(device) for k, v in x.items()}).argmax(-1).cpu()
-            correct += sum(int(p) == e.label for p, e in zip(pred, batch))
+            correct += int(pred[0]) == e.label
     return correct / len(examples)
 
 
@@ -351,17 +377,19 @@ CUDA_BATCH_1 = ("CUDA rows, batch size 1: launch-bound. A pair of ~30 tokens is 
 def table(rows, n_pairs: int, pairs_what: str, threads: int, base: tuple) -> str:
     """Markdown in the layout of Table 3, the paper's rows first. Our speed-ups are over the float32
     row of base = (model name, label) on the same device; the paper's are over its BERT-base, so
-    they are shown only when ours are over BERT-base too."""
+    they are shown only when ours are over BERT-base too. The two columns before them are each CPU
+    row's memory bound (add_memory_bound): the weights one pass reads, its time in floors."""
     base_name, label = base
     out = [f"Table 3. Ours: {n_pairs} pairs of {pairs_what.split(',')[0]}, batch size 1, CPU "
            f"{threads} thread(s), speed-up vs {base_name} float32. Paper: STS-B dev (1,500 pairs), "
            f"Xeon E5-2690 v3, 1 thread, speed-up vs BERT-base.", "",
-           f"| Model | # param. (M) | Inf. time (s) | ms / example | speed-up vs {label} |",
-           "|---|---:|---:|---:|---:|"]
+           f"| Model | # param. (M) | Inf. time (s) | ms / example | weights / pass (MB) "
+           f"| x memory floor | speed-up vs {label} |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
     for name, params_m, seconds in PAPER:
         speedup = f"{668 / seconds:.2f}x" if label == "BERT-base" else "-"
         out.append(f"| {name} (paper) | {params_m} | {seconds} | {1000 * seconds / 1500:.0f} | "
-                   f"{speedup} |")
+                   f"- | - | {speedup} |")
     base_seconds = {r["device"]: r["seconds"] for r in rows
                     if r["model"] == base_name and r["dtype"] == "float32"}
     for r in rows:
@@ -374,8 +402,11 @@ def table(rows, n_pairs: int, pairs_what: str, threads: int, base: tuple) -> str
         if r["device"] in base_seconds:
             speedup = f"{base_seconds[r['device']] / r['seconds']:.2f}x"
         digits = 1 if r["params_m"] >= 1 else 3
+        bound = ["-", "-"]
+        if r.get("x_floor") is not None:
+            bound = [f"{r['weight_mb']:.{digits}f}", f"{r['x_floor']:.1f}x"]
         out.append(f"| {name} | {r['params_m']:.{digits}f} | {r['seconds']:.2f} | "
-                   f"{r['ms_per_example']:.2f} | {speedup} |")
+                   f"{r['ms_per_example']:.2f} | {' | '.join(bound)} | {speedup} |")
     if any(r["device"].startswith("cuda") for r in rows):
         out += ["", CUDA_BATCH_1]
     return "\n".join(out)
@@ -408,7 +439,9 @@ def check_config(cfg: BenchConfig):
         devices = [torch.device("cpu"), torch.device("cuda")]
     else:
         devices = [torch.device("cpu")]
-    modes = [m.strip() for m in cfg.dtypes.split(",") if m.strip()] or list(ALL_MODES)
+    defaults = [m for d in devices for m in (
+        cpu_modes(CPU, fast.cpp_compiler() is not None)[0] if d.type == "cpu" else MODES[d.type])]
+    modes = [m.strip() for m in cfg.dtypes.split(",") if m.strip()] or list(dict.fromkeys(defaults))
     unknown = [m for m in modes if m not in ALL_MODES]
     if unknown:
         raise UserError(f"--dtypes {','.join(unknown)}: the modes are {','.join(ALL_MODES)} "
@@ -416,6 +449,9 @@ def check_config(cfg: BenchConfig):
     if not any(m in MODES[d.type] for m in modes for d in devices):
         raise UserError(f"--dtypes {cfg.dtypes}: none of them runs on "
                         f"{' or '.join(str(d) for d in devices)}")
+    if any(needs_compiler(m) for m in modes) and fast.cpp_compiler() is None:
+        raise UserError(f"--dtypes {cfg.dtypes}: the compiled float modes need a C++ compiler "
+                        f"for torch.compile (g++, clang++ or $CXX): install one or leave them out")
     if cfg.task not in ("", "sst2"):
         raise UserError(f"--task {cfg.task}: the only task is sst2 (or none)")
     if cfg.threads < 1 or cfg.limit < 0:
@@ -439,6 +475,8 @@ def build_runs(candidates, devices, modes) -> tuple:
                          for x in c.inputs]
             for mode in [m for m in modes if m in MODES[device.type]]:
                 model = prepare(c.model, mode, device)
+                if hasattr(model, "compile_seconds"):
+                    print(f"{c.name} {mode}: compiled in {model.compile_seconds:.1f} s")
                 runs[c.name, str(device), mode] = (model, device, on_device)
                 rows.append({"model": c.name, "device": str(device), "dtype": mode,
                              "params_m": round(c.model.num_params() / 1e6, 3),
@@ -461,10 +499,24 @@ def add_sst2_accuracy(rows, candidates, examples, cfg: BenchConfig):
         row["sst2_accuracy"] = accuracy
 
 
+def add_memory_bound(rows, candidates, bandwidth: float):
+    """Each CPU row's bound: the megabytes of weights one pass reads (fast.pass_bytes), the time
+    they take at the copy bandwidth measured in the run, and how many times that floor the row
+    took. (CUDA rows: None; the bandwidth is the CPU's.)"""
+    models = {c.name: c.model for c in candidates}
+    for row in rows:
+        n_bytes = fast.pass_bytes(models[row["model"]], row["dtype"])
+        floor_ms = 1000 * fast.floor_seconds(n_bytes, bandwidth)
+        on_cpu = row["device"] == "cpu"
+        row.update(weight_mb=round(n_bytes / 1e6, 3) if on_cpu else None,
+                   floor_ms=round(floor_ms, 6) if on_cpu else None,
+                   x_floor=round(row["ms_per_example"] / floor_ms, 2) if on_cpu else None)
+
+
 def print_throughput(candidate: Candidate, pairs, modes):
     print(f"\nthroughput of {candidate.name}: examples/s, {min(len(pairs), 256)} pairs, "
           f"{ALL_THREADS} CPU threads")
-    for mode in [m for m in MODES["cpu"] if m in modes]:
+    for mode in [m for m in MODES["cpu"] if m in modes and "compiled" not in m]:
         per_batch = throughput(candidate.model, candidate.tokenizer, pairs, mode)
         print(f"  {mode:9s}" + "".join(f"  batch {bs}: {v:8.1f}" for bs, v in per_batch.items()))
 
@@ -572,13 +624,21 @@ def run(cfg: BenchConfig) -> list:
         sst2_dev = glue.load("sst2", "dev", cfg.data_dir or None)
     pairs, pairs_what = load_pairs(cfg)
     print(f"pairs: {len(pairs)} from {pairs_what}")
+    print(f"CPU: {CPU.describe()}" + "".join(
+        f"; {note}" for note in cpu_modes(CPU, fast.cpp_compiler() is not None)[1]
+        if not cfg.dtypes))
     torch.set_num_threads(cfg.threads)
     candidates = [load_candidate(name, pairs, cfg) for name in names]
     runs, rows = build_runs(candidates, devices, modes)
+    bandwidth = fast.copy_bandwidth()  # in the run, so under the load the passes see
     times = time_passes(runs, len(pairs))  # all runs together, example by example
     for row in rows:
         seconds = times[row["model"], row["device"], row["dtype"]]
         row.update(seconds=round(seconds, 6), ms_per_example=round(1000 * seconds / len(pairs), 4))
+    add_memory_bound(rows, candidates, bandwidth)
+    print(f"\nmemory bound: one thread copies {bandwidth / 1e9:.1f} GB/s (bytes read + written, "
+          f"as STREAM's Copy); a batch-1 pass reads each layer weight once, at least "
+          f"(weights / pass) / bandwidth")
     if cfg.task:
         add_sst2_accuracy(rows, candidates, sst2_dev, cfg)
     base = speedup_base(candidates)

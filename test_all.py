@@ -87,6 +87,7 @@ import torch.nn.functional as F
 
 import bench
 import common
+import fast
 import data
 import hub
 import svg
@@ -3111,7 +3112,9 @@ class TestReport:
 
 BENCH_TINY = f"{TINY_DISTILBERT},{TINY_BERT}"
 BENCH_ROW_KEYS = {"model": str, "device": str, "dtype": str, "params_m": float, "seconds": float,
-                  "ms_per_example": float, "random_weights": bool}
+                  "ms_per_example": float, "random_weights": bool, "weight_mb": float,
+                  "floor_ms": float, "x_floor": float}
+BENCH_EAGER = "float32,bfloat16,int8,int8+cls"  # the modes not compiled: seconds, not a minute
 
 
 def run_json(tmp_path, *args):
@@ -3136,7 +3139,8 @@ def cells(line: str) -> list:
 @pytest.mark.usefixtures("bench_offline")
 class TestBench:
     def test_tiny_models_give_table_chart_and_json(self, tmp_path, capsys):
-        rows = run_json(tmp_path, "--models", BENCH_TINY, "--limit", "5", "--throughput")
+        rows = run_json(tmp_path, "--models", BENCH_TINY, "--limit", "5", "--throughput",
+                        "--dtypes", BENCH_EAGER)
         text = capsys.readouterr().out
         assert [(r["model"].rsplit("/", 1)[-1], r["dtype"]) for r in rows] == [
             (m, d) for m in ("tiny-distilbert", "tiny-bert")
@@ -3146,6 +3150,7 @@ class TestBench:
             assert all(isinstance(r[k], t) for k, t in BENCH_ROW_KEYS.items())
             assert r["device"] == "cpu" and r["seconds"] > 0 and not r["random_weights"]
             assert r["ms_per_example"] == pytest.approx(1000 * r["seconds"] / 5, rel=1e-3)
+            assert r["x_floor"] == pytest.approx(r["ms_per_example"] / r["floor_ms"], rel=0.01)
         tiny = BERT.from_pretrained(str(MODELS / "tiny-distilbert"))
         expected = sum(p.numel() for n, p in tiny.named_parameters()
                        if not n.startswith("vocab_")) / 1e6
@@ -3155,8 +3160,10 @@ class TestBench:
         assert "STAND-IN" in text and "5 pairs" in text
         table = [line for line in text.splitlines() if line.startswith("|")]
         assert table[0] == ("| Model | # param. (M) | Inf. time (s) | ms / example "
+                            "| weights / pass (MB) | x memory floor "
                             "| speed-up vs models/tiny-distilbert |")
-        assert len(table) == 2 + 3 + 8 and all(line.count("|") == 6 for line in table)
+        assert len(table) == 2 + 3 + 8 and all(line.count("|") == 8 for line in table)
+        assert cells(table[5])[-2] == f"{rows[0]['x_floor']:.1f}x" and "GB/s" in text
         assert "| BERT-base (paper) | 110 | 668 |" in text
         assert "| DistilBERT (paper) | 66 | 410 |" in text
         assert sum("█" in line and line.endswith("ms") for line in text.splitlines()) == 8
@@ -3258,7 +3265,7 @@ class TestBench:
         torch.nn.init.normal_(task_model.classifier.weight, std=1.0)  # a head whose answers vary
         task_model.save_pretrained(tmp_path / "sst2-model")
         rows = run_json(tmp_path, "--models", str(tmp_path / "sst2-model"), "--task", "sst2",
-                        "--limit", "3")
+                        "--limit", "3", "--dtypes", BENCH_EAGER)
         tok = bench.data.load_tokenizer(tmp_path / "sst2-model")
         x = bench.data.encode_batch(tok, sentences)
         with torch.inference_mode():
@@ -4254,3 +4261,105 @@ class TestHeadlessTeacher:
         pool = (1 - F.cosine_similarity(*pooled)).mean()
         assert set(terms) == {"hid", "pool"}
         assert abs(loss.item() - (2 * hid + 3 * pool).item()) < 1e-5
+class TestFast:
+    """fast.py: the CPU's capabilities and the modes they choose, the memory bound's arithmetic,
+    the compiled mode against eager."""
+
+    @staticmethod
+    def kind(*flags):
+        return fast.CpuKind("test CPU", frozenset(flags), "AVX2")
+
+    def test_flags_are_read_from_cpuinfo(self, tmp_path):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_vnni"
+                           "\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+        assert fast.cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_vnni"}  # the first CPU's
+        assert fast.cpu_model_name(cpuinfo) == "Some CPU"
+        assert fast.cpu_flags(tmp_path / "none") == frozenset()
+
+    @pytest.mark.parametrize("flags, engine, bf16", [
+        (("avx2", "avx512f", "avx512_vnni", "avx512_bf16"), "onednn", True),  # Zen 4/5
+        (("avx2", "amx_int8", "amx_bf16"), "onednn", True),                    # Sapphire Rapids
+        (("avx2", "avx_vnni"), "onednn", False),                               # Alder Lake
+        (("avx2", "fma"), "fbgemm", False),                                    # AVX2 only
+    ])
+    def test_capabilities_choose_the_engine_and_bfloat16(self, flags, engine, bf16):
+        kind = self.kind(*flags)
+        assert kind.int8_engine == engine and kind.native_bf16 == bf16
+        modes, notes = bench.cpu_modes(kind, compiler=True)
+        assert ("bfloat16" in modes) == bf16 and "int8+cls+compiled" in modes
+        assert bf16 or "bfloat16 left out: not native" in notes[0]
+        modes, notes = bench.cpu_modes(kind, compiler=False)
+        assert not any(bench.needs_compiler(m) for m in modes) and "int8+cls+compiled" in modes
+        assert "no C++ compiler" in notes[-1]
+
+    def test_the_default_modes_follow_the_cpu(self, monkeypatch):
+        monkeypatch.setattr(bench, "CPU", self.kind("avx2"))
+        monkeypatch.setattr(fast, "cpp_compiler", lambda: None)
+        _, _, modes = bench.check_config(bench.BenchConfig(models=TINY_BERT, device="cpu"))
+        assert modes == ["float32", "int8", "int8+cls", "int8+cls+compiled"]
+
+    def test_a_compiled_mode_without_a_compiler_is_one_line(self, monkeypatch, capsys):
+        monkeypatch.setattr(fast, "cpp_compiler", lambda: None)
+        with pytest.raises(SystemExit):
+            bench.main(["--models", TINY_BERT, "--dtypes", "int8+cls,bfloat16+compiled"])
+        err = capsys.readouterr().err
+        assert re.fullmatch(r"error: [^\n]+C\+\+ compiler[^\n]+\n", err)
+        with pytest.raises(UserError, match="C\\+\\+ compiler"):
+            fast.compile_frozen(BERT.from_pretrained(TINY_BERT))
+
+    def test_int8_weights_are_packed_for_the_chosen_engine(self, monkeypatch):
+        model = BERT.from_pretrained(TINY_DISTILBERT)
+        x = torch.randint(5, model.config.vocab_size, (1, 20),
+                          generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            ref = model(x, return_logits=False).hidden_states[-1]
+            for engine in ("fbgemm", "onednn"):
+                monkeypatch.setattr(bench, "CPU", self.kind("avx2", "avx512_vnni" * (
+                    engine == "onednn")))
+                assert bench.CPU.int8_engine == engine
+                got = bench.prepare(model, "int8", "cpu")(x, return_logits=False).hidden_states[-1]
+                assert F.cosine_similarity(got[0], ref[0], dim=-1).min() > 0.99, engine
+
+    def test_the_bytes_one_pass_reads(self):
+        cfg = BertConfig(vocab_size=50, hidden_size=8, n_layer=2, n_head=2, intermediate_size=16,
+                         max_position_embeddings=16, mlm_head=False)
+        model = BERT(cfg)  # with a pooler (8 x 8 + 8); the embedding tables are not counted
+        # per layer: q, k, v, out (8 x 8 + 8 each), lin1 (16 x 8 + 16), lin2 (8 x 16 + 8), and
+        # 2 LayerNorms (8 + 8 each)
+        weights = 2 * (4 * 64 + 2 * 128) + 64
+        vectors = 2 * (4 * 8 + 16 + 8 + 2 * 16) + 8
+        rows = 2 * (4 * 8 + 16 + 8) + 8  # int8: one float32 scale per output row
+        assert fast.pass_bytes(model, "float32") == 4 * (weights + vectors)
+        assert fast.pass_bytes(model, "bfloat16+compiled") == 2 * (weights + vectors)
+        assert fast.pass_bytes(model, "int8+cls") == weights + 4 * rows + 4 * vectors
+        assert fast.floor_seconds(10 ** 9, 2e10) == pytest.approx(0.05)
+
+    def test_copy_bandwidth_counts_bytes_read_and_written(self, monkeypatch):
+        clock = iter(range(100))  # each copy takes 1 s on this clock
+        monkeypatch.setattr(fast.time, "perf_counter", lambda: next(clock))
+        assert fast.copy_bandwidth(mib=1, repeats=3) == 2 * 2 ** 20
+        monkeypatch.undo()
+        assert fast.copy_bandwidth(mib=16, repeats=1) > 1e8  # the real clock: over 0.1 GB/s
+
+    @pytest.mark.parametrize("mode", [
+        "int8+cls",  # TorchScript: a fraction of a second
+        pytest.param("bfloat16", marks=pytest.mark.slow),  # inductor: up to a minute, busy
+    ])
+    def test_compiled_modes_equal_their_eager_forms(self, mode):
+        model = BERT.from_pretrained(TINY_BERT)  # with token types
+        eager = bench.prepare(model, mode, "cpu")
+        graph = bench.prepare(model, mode + "+compiled", "cpu")  # compiled at length 16
+        assert graph.compile_seconds > 0
+        with torch.inference_mode():
+            for T in (7, 23):  # one graph for every length
+                x = torch.randint(5, model.config.vocab_size, (1, T))
+                types = torch.zeros_like(x)
+                want = eager(x, None, types, return_logits=False)
+                got = graph(x, None, types, return_logits=False)
+                pairs = [(got.hidden_states[-1], want.hidden_states[-1])]
+                if want.pooler_output is not None:
+                    pairs.append((got.pooler_output, want.pooler_output))
+                for a, b in pairs:
+                    assert a.shape == b.shape
+                    assert F.cosine_similarity(a.float(), b.float(), dim=-1).min() > 0.999, T
