@@ -54,13 +54,13 @@ class FitHeadConfig:
     data_fraction: float = 1.0           # keep the first fraction of the training text
     data_dir: Optional[str] = None       # default $TINYDISTIL_DATA, else ~/.cache/tinydistil
     seq_len: int = 128                   # longer texts are cut into chunks of this many tokens
-    steps: int = 2000                    # optimizer steps (studies/fit_head.md)
+    steps: int = 300                     # optimizer steps (studies/fit_head.md)
     batch_size: int = 32                 # sequences per step
     lr: float = 2e-3                     # peak learning rate of AdamW (studies/fit_head.md)
     warmup: float = 0.05                 # fraction of the steps with linear warm-up
     bias_init: str = "unigram"           # decoder bias: unigram (log frequency) or zeros (BERT's)
     mlm_mask_prop: float = 0.15          # fraction of the tokens predicted, as BERT
-    heldout_sequences: int = 2048        # at most this many held-out sequences are scored
+    heldout_sequences: int = 512         # at most this many held-out sequences are scored
     log_every: int = 100                 # steps between two log lines
     seed: int = 0
     device: str = "auto"                 # auto (cuda if present), cpu, cuda, cuda:1, ...
