@@ -32,6 +32,7 @@ multiple of the least time that reading can take at the copy bandwidth measured 
 """
 import copy
 import json
+import resource
 import sys
 import time
 import warnings
@@ -45,10 +46,13 @@ from tqdm import tqdm
 
 import data
 import fast
-from common import (UserError, atomic_write, build_parser, check_output_file, looks_like_path,
-                    os_error_line, pick_device, sync, use_tf32)
+import tinydistil
+from common import (DTYPES, UserError, atomic_write, build_parser, check_output_file,
+                    looks_like_path, os_error_line, pick_device, sync, use_tf32)
 from hub import NoCheckpointFolder, checkpoint_folder
-from model import BERT, Attention, BertConfig
+from data import mask_batch
+from harness import ADAMW_BETAS, ADAMW_EPS, flops_per_token, peak_flops
+from model import BERT, Attention, BertConfig, configure_optimizers
 from tasks import glue
 from tasks.heads import TaskModel
 
@@ -530,10 +534,6 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
     native; float32 matmuls in TF32 on CUDA, as pretrain). One step is untimed. Prints and returns
     tokens/s, ms/step, MFU (against each model's dtype's measured peak, and against the bfloat16
     peak) and peak memory: the CUDA allocator's on a GPU, else the process's resident set."""
-    import resource
-    import tinydistil
-    from data import mask_batch
-    from model import configure_optimizers
     device = pick_device(cfg.device)  # auto: the GPU when there is one
     tf32 = use_tf32(device)
     dtype = cfg.dtypes or "float32"
@@ -548,10 +548,11 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
     torch.manual_seed(0)
     teacher = BERT(BertConfig.preset("bert-base-uncased"))
     student, _ = tinydistil.init_student(teacher, 6, train_positions=False)
-    dtypes = (tinydistil.DTYPES[pcfg.teacher_dtype], tinydistil.DTYPES[dtype])
+    dtypes = (DTYPES[pcfg.teacher_dtype], DTYPES[dtype])
     teacher.to(device, dtypes[0]).eval().requires_grad_(False)
     model = tinydistil.StudentForDistillation(student.to(device).train())
-    opt = configure_optimizers(student, pcfg.lr, pcfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
+    opt = configure_optimizers(student, pcfg.lr, pcfg.weight_decay, betas=ADAMW_BETAS,
+                               eps=ADAMW_EPS)
     V, first_word = teacher.config.vocab_size, 104  # ids below 104: [PAD], [unused*], specials
     probs = torch.ones(V)
     probs[:first_word] = 0
@@ -600,13 +601,12 @@ def step_mfu(teacher, student, dtypes, device, tokens, seq_len, seconds):
     """Model FLOPs of a step over what the peaks would do in its time: the teacher forward (1x),
     the student forward and backward (3x), L_ce's head on every row. None if a peak is unknown.
     dtypes: the peaks' (teacher, student); a float32 peak on CUDA is TF32's (use_tf32)."""
-    import tinydistil
     seconds_at_peak = 0.0
     for model, dtype, passes in ((teacher, dtypes[0], 1), (student, dtypes[1], 3)):
-        peak = tinydistil.peak_flops(device, dtype)
+        peak = peak_flops(device, dtype)
         if peak is None:
             return None
-        flops = passes * tokens * tinydistil.flops_per_token(model.config, seq_len, True)
+        flops = passes * tokens * flops_per_token(model.config, seq_len, True)
         seconds_at_peak += flops / peak
     return min(1.0, seconds_at_peak / seconds)  # a peak measured under load can read low
 

@@ -309,6 +309,9 @@ def pick_device(name: str = "auto", local_rank=None) -> torch.device:
     return device
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype's names
+
+
 def has_bfloat16_matmul(device: torch.device) -> bool:
     """bfloat16 matmuls run natively on CUDA GPUs of compute capability 8.0 on (A100, RTX 30xx,
     H100) and on CPUs with AVX512-BF16 or AMX; elsewhere (V100, T4, most CPUs) they are emulated,

@@ -89,6 +89,7 @@ import bench
 import common
 import fast
 import data
+import harness
 import hub
 import svg
 import tinydistil
@@ -3466,7 +3467,7 @@ def tiny_run_state():
     """A 2-layer student of the tiny teacher, its optimizer and what save_checkpoint needs."""
     student, _ = init_student(BERT.from_pretrained(TEACHER), 2)
     opt = configure_optimizers(student, 1e-3, 0.0)
-    dist = tinydistil.Distributed(0, 1, CPU)
+    dist = harness.Distributed(0, 1, CPU)
     return student, opt, torch.Generator().manual_seed(0), dist
 
 
@@ -3521,14 +3522,14 @@ class TestFailures:
         out = disk / "out"
         cfg = tinydistil.resolve_recipe(pretrain_config(tmp_path, corpus, out=str(out)), 1, CPU)
         student, opt, gen, dist = tiny_run_state()
-        tinydistil.save_checkpoint(out, student, opt, 3, (0, 3), gen, cfg, dist)
+        harness.save_checkpoint(out, student, opt, 3, (0, 3), gen, cfg, dist)
         fill(disk, leave=20_000)
         with pytest.raises(UserError, match=r"step-6.* No space left on device; free some space.*"
                                             r"the last complete checkpoint, step-3, is kept"):
-            tinydistil.save_checkpoint(out, student, opt, 6, (0, 6), gen, cfg, dist)
+            harness.save_checkpoint(out, student, opt, 6, (0, 6), gen, cfg, dist)
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-3"]
         assert not [p for p in out.rglob("*") if ".tmp" in p.name]
-        assert tinydistil.read_checkpoint(cfg, out, 1)["step"] == 3
+        assert harness.read_checkpoint(cfg, out, 1)["step"] == 3
 
     def test_a_new_out_whose_first_checkpoint_fails_is_removed(self, small_disk, tmp_path, corpus,
                                                                monkeypatch):
@@ -3605,8 +3606,8 @@ class TestFailures:
                  "lr": 1e-4, "mfu": None} for s in (1, 2)]
         log = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo'
         (tmp_path / "train_log.jsonl").write_text(log)
-        assert tinydistil.read_train_log(tmp_path / "train_log.jsonl") == rows
-        tinydistil.write_train_log_svg(tmp_path)
+        assert harness.read_train_log(tmp_path / "train_log.jsonl") == rows
+        harness.write_train_log_svg(tmp_path)
         assert [int(x) for x, _, _ in svg_marks(tmp_path / "train_log.svg", "circle")["loss"]] \
             == [1, 2]
 
@@ -3769,23 +3770,23 @@ class TestReadyForGPU:
         # stream is seeded from the seed and the step, the same way every time.
         for _ in range(2):
             mask = torch.Generator()
-            note = tinydistil.restore_random_streams(host, 0, cuda, mask, 56, 10)
+            note = harness.restore_random_streams(host, 0, cuda, mask, 56, 10)
             assert torch.equal(mask.get_state(), saved_mask)
         assert calls[0] == calls[1] and calls[0][0] == "seed" and len(calls) == 2
         assert "--resume on cuda from a checkpoint made on cpu" in note and "masking" in note
         # GPU to GPU: everything carries over, nothing to say
         calls.clear()
         gpu = {**host, "cuda": [torch.arange(16, dtype=torch.uint8)], "device": ["cuda"]}
-        assert tinydistil.restore_random_streams(gpu, 0, cuda, torch.Generator(), 56, 10) == ""
+        assert harness.restore_random_streams(gpu, 0, cuda, torch.Generator(), 56, 10) == ""
         assert calls[0][0] == "set" and torch.equal(calls[0][1], gpu["cuda"][0])
         # GPU to CPU: the host's stream carries over, CUDA's is not touched
         calls.clear()
-        note = tinydistil.restore_random_streams(gpu, 0, CPU, torch.Generator(), 56, 10)
+        note = harness.restore_random_streams(gpu, 0, CPU, torch.Generator(), 56, 10)
         assert calls == [] and "--resume on cpu from a checkpoint made on cuda" in note
         # a checkpoint from before masking moved to the host: its GPU masking state is reseeded
         old = {"torch": host["torch"], "mask": [torch.zeros(16, dtype=torch.uint8)],
                "cuda": [torch.zeros(16, dtype=torch.uint8)]}
-        note = tinydistil.restore_random_streams(old, 0, CPU, torch.Generator(), 56, 10)
+        note = harness.restore_random_streams(old, 0, CPU, torch.Generator(), 56, 10)
         assert "masking stream (saved by a GPU's generator) is reseeded" in note
 
     def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(self, tmp_path, corpus, monkeypatch,
@@ -3827,7 +3828,7 @@ class TestReadyForGPU:
         padded[1, 9:] = 0
         batch = tinydistil.to_device(ids, padded, labels, CPU)
         assert torch.equal(batch.attention_mask, padded) and batch.n_tokens == 21
-        assert batch.real.tolist() == list(range(21))
+        assert batch.token_rows.tolist() == list(range(21))
 
     def test_L_ce_does_not_depend_on_its_chunk_size(self, monkeypatch):
         import losses
@@ -3866,10 +3867,10 @@ class TestReadyForGPU:
     def test_ddp_ranks_wait_for_rank_0_up_to_ddp_timeout(self, tmp_path):
         script = tmp_path / "wait.py"  # what load_data does, rank 0 tokenising for 4 s
         script.write_text(f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\n"
-                          "import tinydistil\nfrom common import UserError\n"
-                          "dist = tinydistil.start_processes('cpu', 0.02)\n"
+                          "import harness\nfrom common import UserError\n"
+                          "dist = harness.start_processes('cpu', 0.02)\n"
                           "time.sleep(4 if dist.rank == 0 else 0)\ntry:\n"
-                          "    tinydistil.wait_for_everyone(dist, 0.02)\n"
+                          "    harness.wait_for_everyone(dist, 0.02)\n"
                           "except UserError as e:  # as main() prints it\n"
                           "    print(f'error: {e}', file=sys.stderr)\n    sys.exit(1)\n")
         port = closed_port()
@@ -4205,7 +4206,7 @@ class TestHeadlessTeacher:
         assert tinydistil.describe_losses(headless, False) in first
         state = torch.load(tmp_path / "out" / "checkpoints" / "step-2" / "train_state.pt",
                            weights_only=False)
-        marker = json.loads((tmp_path / "out" / tinydistil.RUN_MARKER).read_text())
+        marker = json.loads((tmp_path / "out" / harness.RUN_MARKER).read_text())
         for k, v in tinydistil.LOSSES["no mlm head"].items():
             assert state["config"][k] == marker["config"][k] == v, k
         log = train_log(tmp_path / "out")

@@ -1,4 +1,4 @@
-"""tinydistil.py: the command line. Distil a 6-layer student from BERT-base, fine-tune and score it.
+"""tinydistil.py: DistilBERT (Sanh et al. 2019) on a page, and the command line around it.
 
     python tinydistil.py pretrain                          # distil bert-base-uncased on WikiText-2
     python tinydistil.py pretrain --recipe paper           # the reference's batch, length, targets
@@ -11,19 +11,15 @@
 5 * L_ce + 2 * L_mlm + 1 * L_cos) and section 3 (dynamic masking, large batches, no NSP), following
 the reference scripts (transformers examples/research_projects/distillation: train.py and
 distiller.py).
-Read it top to bottom: the config and its two recipes, the student's initialisation, the loss of one
-batch, the checkpoints, then `pretrain` itself. Every command's options are the fields of its config
-dataclass; `--help` lists them with defaults.
+Read it top to bottom, as the paper: the config and its two recipes, the student (section 2), the
+loss of one batch, `pretrain`, then the loop. What a run needs around the method (its folder and
+lock, checkpoints, processes, signals, the log and its MFU) is in harness.py. Every command's
+options are the fields of its config dataclass; `--help` lists them with defaults.
 """
 import argparse
-import contextlib
-import datetime
 import json
 import math
-import os
 import random
-import shlex
-import shutil
 import signal
 import sys
 import time
@@ -33,11 +29,21 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
-from common import (LOCK_FILE, FolderLock, UserError, add_dataclass_args, append_line, atomic_write,
-                    check_free_space, check_output_file, has_bfloat16_matmul, lr_factor,
-                    os_error_line, pick_device, sync, use_tf32, warmup_steps, write_error)
+from common import (DTYPES, UserError, add_dataclass_args, atomic_write, check_output_file,
+                    has_bfloat16_matmul, lr_factor, os_error_line, use_tf32, warmup_steps)
+from data import (WIKITEXT, Batches, Sequences, collate, corpus_files, data_dir, load_corpus,
+                  load_tokenizer, mask_batch, special_ids, token_probs)
+from fit_head import FitHeadConfig, fit_head
+from harness import (ADAMW_BETAS, ADAMW_EPS, RUN_MARKER, Distributed, Preempted, StopSignal,
+                     TrainLog, check_checkpoint_space, claim_out_dir, masking_stream, no_sync,
+                     rank_0_first, read_checkpoint, restore_checkpoint, resume_command,
+                     save_checkpoint, save_sentence_transformers_files, start_processes,
+                     stop_processes, unwrap)
+from losses import L_ce, L_cos, L_hid, L_mlm, L_pool, total_loss
+from model import BERT, configure_optimizers
+from tasks.finetune import EvalConfig, run as eval_run
+from tasks.report import render, render_svg
 
 
 # ----------------------------------------------------------------------------- config and recipes
@@ -54,11 +60,11 @@ class PretrainConfig:
     student_init: str = "teacher"        # teacher: copy its layers (paper); random: reference init
     train_positions: bool = False        # the reference freezes the position embeddings (see init)
     max_steps: Optional[int] = None      # optimizer steps, overrides --epochs; 0: save the initial
-    epochs: Optional[int] = None         # passes over the data; None: the recipe's
+    epochs: int = 3                      # passes over the data (the reference's 3)
     batch_size: Optional[int] = None     # sequences per micro-batch and process; None: the recipe's
     grad_accum: Optional[int] = None     # micro-batches per optimizer step; None: the recipe's
     seq_len: Optional[int] = None        # longer texts are cut into chunks of this many tokens
-    lr: Optional[float] = None           # peak learning rate; None: the recipe's
+    lr: float = 5e-4                     # peak learning rate (the reference's)
     warmup: float = 0.05                 # fraction of the steps with linear warm-up
     weight_decay: float = 0.0
     max_grad_norm: float = 5.0
@@ -81,15 +87,16 @@ class PretrainConfig:
     ddp_timeout: float = 360.0           # minutes DDP ranks wait for rank 0 to prepare the corpus
 
 
-# What a field left at None becomes. "paper" is the reference's training_configs + train.py: 2,000
-# sequences per update (5 per GPU x 50 accumulation steps x 8 GPUs), up to 512 tokens, lr 5e-4,
-# 3 epochs, float32 soft targets. "small" fits a laptop; studies/retention.md measured its choices,
+# What a field left at None becomes: only what differs between the recipes (both train 3 epochs
+# at lr 5e-4, the reference's). "paper" is the reference's training_configs + train.py: 2,000
+# sequences per update (5 per GPU x 50 accumulation steps x 8 GPUs), up to 512 tokens, float32
+# soft targets. "small" fits a laptop; studies/retention.md measured its choices,
 # and studies/teacher_precision.md its teacher: bfloat16 moves the targets 4-5 orders of magnitude
 # less than the losses and runs 3.5x faster where the hardware has it (and 3.4x slower where not).
 RECIPES = {
-    "small": dict(data_fraction=0.1, epochs=3, batch_size=16, grad_accum=1, seq_len=128, lr=5e-4,
+    "small": dict(data_fraction=0.1, batch_size=16, grad_accum=1, seq_len=128,
                   teacher_dtype="auto"),
-    "paper": dict(data_fraction=1.0, epochs=3, batch_size=5, grad_accum=None, seq_len=512, lr=5e-4,
+    "paper": dict(data_fraction=1.0, batch_size=5, grad_accum=None, seq_len=512,
                   teacher_dtype="float32"),
 }
 PAPER_SEQUENCES_PER_STEP = 2000  # paper recipe: grad_accum = this / (batch_size x processes)
@@ -107,6 +114,13 @@ LOSSES = {
     "no mlm head": dict(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=1.0, alpha_hid=0.0, alpha_pool=0.0,
                         mlm_mask_prop=0.0),
 }
+
+
+def check(rules: list):
+    """Each (ok, message) rule in order: the message of the first broken one, as a UserError."""
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
 
 
 def resolve_recipe(cfg: PretrainConfig, world: int, device: torch.device) -> PretrainConfig:
@@ -143,9 +157,7 @@ def resolve_losses(cfg: PretrainConfig, mlm_head: bool) -> PretrainConfig:
          "--mlm-mask-prop 0 masks nothing, so L_mlm has nothing to predict: give a fraction "
          "(0.15 as BERT) or --alpha-mlm 0"),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message)
+    check(rules)
     return cfg
 
 
@@ -173,9 +185,7 @@ def check_config(cfg: PretrainConfig):
         (not (cfg.resume and cfg.overwrite), "--resume continues a run, --overwrite replaces it: "
                                              "give one of them"),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message)
+    check(rules)
 
 
 def describe_losses(cfg: PretrainConfig, mlm_head: bool = True) -> str:
@@ -226,7 +236,6 @@ def init_student(teacher, n_layer: int, how: str = "teacher", train_positions: b
     The reference student config sets sinusoidal_pos_embds, which makes the position table
     requires_grad=False; the teacher's positions are then loaded into it, so they stay frozen during
     distillation. train_positions=False does the same. Returns (student, teacher layers used)."""
-    from model import BERT
     if teacher.config.layer_norm_eps != 1e-12:  # DistilBERT's config.json cannot record another eps
         raise UserError(f"the teacher's LayerNorm eps is {teacher.config.layer_norm_eps}; a "
                         f"DistilBERT student (and its checkpoint) has 1e-12")
@@ -263,21 +272,7 @@ def sinusoidal_positions(cfg) -> torch.Tensor:
     return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float()
 
 
-class StudentForDistillation(nn.Module):
-    """The student's forward during distillation: the hidden states of every layer, (B, T, H) each,
-    and MLM logits only on the rows a loss reads. A module of its own so DistributedDataParallel
-    sees every use of the weights inside one forward."""
-
-    def __init__(self, student):
-        super().__init__()
-        self.student = student
-
-    def forward(self, input_ids, attention_mask, real, logit_rows):
-        states = self.student(input_ids, attention_mask, return_logits=False).hidden_states
-        hidden = states[-1].flatten(0, 1)[real]  # (N, H): padding is not text, no loss reads it
-        logits = self.student.mlm_logits(hidden[logit_rows]) if logit_rows is not None else None
-        return states, hidden, logits  # states: (B, T, H) each; hidden (N, H); logits (rows, V)
-
+# ------------------------------------------------------------------------ the loss of one batch
 
 @dataclass
 class Batch:
@@ -286,7 +281,7 @@ class Batch:
     would make the CPU wait for the GPU (to learn how many rows) several times a micro-batch."""
     input_ids: torch.Tensor  # (B, T)
     attention_mask: Optional[torch.Tensor]  # (B, T), or None when no row is padded
-    real: torch.Tensor  # (N,) positions of the real (non-pad) tokens in the flattened (B*T) batch
+    token_rows: torch.Tensor  # (N,) where the tokens (not padding) are in the flattened (B*T)
     predicted: torch.Tensor  # (M,) which of those N rows the MLM predicts
     labels: torch.Tensor  # (M,) their original ids
     n_tokens: int  # N, known on the host
@@ -296,49 +291,62 @@ def to_device(input_ids, attention_mask, labels, device: torch.device) -> Batch:
     """The host's masked micro-batch (collate, mask_batch) on the device. Without padding there
     is no attention mask at all, so SDPA may pick its flash kernel. Copies from pinned memory do
     not block the host (non_blocking)."""
-    real = attention_mask.flatten().nonzero().squeeze(1)  # (N,)
-    real_labels = labels.flatten()[real]  # (N,) the original id where the MLM predicts, else -100
-    predicted = (real_labels != -100).nonzero().squeeze(1)  # (M,)
-    padded = len(real) < attention_mask.numel()
+    token_rows = attention_mask.flatten().nonzero().squeeze(1)  # (N,)
+    token_labels = labels.flatten()[token_rows]  # (N,) the original id where predicted, else -100
+    predicted = (token_labels != -100).nonzero().squeeze(1)  # (M,)
+    padded = len(token_rows) < attention_mask.numel()
 
     def move(t):
         t = t.pin_memory() if device.type == "cuda" else t
         return t.to(device, non_blocking=True)
-    return Batch(move(input_ids), move(attention_mask) if padded else None, move(real),
-                 move(predicted), move(real_labels[predicted]), len(real))
+    return Batch(move(input_ids), move(attention_mask) if padded else None, move(token_rows),
+                 move(predicted), move(token_labels[predicted]), len(token_rows))
 
 
-# ------------------------------------------------------------------------ the loss of one batch
+class StudentForDistillation(nn.Module):
+    """The student's forward during distillation: the hidden states of every layer, (B, T, H) each,
+    and MLM logits only on the rows a loss reads. A module of its own so DistributedDataParallel
+    sees every use of the weights inside one forward."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, input_ids, attention_mask, token_rows, logit_rows):
+        states = self.student(input_ids, attention_mask, return_logits=False).hidden_states
+        hidden = states[-1].flatten(0, 1)[token_rows]  # (N, H): no loss reads the padding
+        logits = self.student.mlm_logits(hidden[logit_rows]) if logit_rows is not None else None
+        return states, hidden, logits  # states: (B, T, H) each; hidden (N, H); logits (rows, V)
+
 
 def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
     """The paper's training loss on one masked micro-batch: alpha_ce * L_ce + alpha_mlm * L_mlm
-    + alpha_cos * L_cos (5, 2, 1), every term over the N real (non-pad) tokens; and two terms for
-    teachers without an MLM head (LOSSES): alpha_hid * L_hid on the layers below the last, each
-    against the teacher layer it copies (layer_map), and alpha_pool * L_pool on the mean-pooled
-    sentence embedding. Returns (loss, {term: value}). dtypes = (teacher dtype, student dtype) on
-    the autocast device.
+    + alpha_cos * L_cos (5, 2, 1), every term over the N tokens (padding is not text); and two
+    terms for teachers without an MLM head (LOSSES): alpha_hid * L_hid on the layers below the
+    last, each against the teacher layer it copies (layer_map), and alpha_pool * L_pool on the
+    mean-pooled sentence embedding. Returns (loss, {term: value}). dtypes = (teacher dtype,
+    student dtype) on the autocast device.
 
     Which rows get vocabulary logits: the (N, V) head is about a quarter of the student's FLOPs, so
     it runs only where a loss reads it. L_ce compares the teacher's and the student's distributions
-    on every real token, masked or not (as the reference's `mlm_mask` of all non-pad tokens); L_mlm
+    on every token, masked or not (as the reference's `mlm_mask` of all non-pad tokens); L_mlm
     only needs the ~15% of rows that the MLM predicts. So with L_ce on, the student computes logits
     on all N rows and L_mlm picks its rows from them; with L_ce off, logits on the predicted rows
     only; with both off, none. The teacher's logits are computed only for L_ce.
     """
-    from losses import L_ce, L_cos, L_hid, L_mlm, L_pool, total_loss
     (t_dtype, s_dtype), device = dtypes, batch.input_ids.device.type
-    input_ids, attention_mask, real, predicted = (batch.input_ids, batch.attention_mask,
-                                                  batch.real, batch.predicted)
+    input_ids, attention_mask = batch.input_ids, batch.attention_mask
+    token_rows, predicted = batch.token_rows, batch.predicted
     with torch.no_grad(), torch.autocast(device, t_dtype, enabled=t_dtype != torch.float32):
         t_states = teacher(input_ids, attention_mask, return_logits=False).hidden_states
-        t_hidden = t_states[-1].flatten(0, 1)[real]  # (N, H)
+        t_hidden = t_states[-1].flatten(0, 1)[token_rows]  # (N, H)
         t_logits = teacher.mlm_logits(t_hidden) if cfg.alpha_ce > 0 else None  # (N, V)
     if cfg.alpha_ce > 0:
         logit_rows = slice(None)
     else:
         logit_rows = predicted if cfg.alpha_mlm > 0 else None
     with torch.autocast(device, s_dtype, enabled=s_dtype != torch.float32):
-        s_states, s_hidden, s_logits = student(input_ids, attention_mask, real, logit_rows)
+        s_states, s_hidden, s_logits = student(input_ids, attention_mask, token_rows, logit_rows)
     terms = {}
     if cfg.alpha_ce > 0:
         terms["ce"] = L_ce(s_logits, t_logits, cfg.temperature)
@@ -349,8 +357,8 @@ def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
         terms["cos"] = L_cos(s_hidden, t_hidden.float())
     below = layer_map(len(t_states) - 1, len(s_states) - 1)[:-1]  # a 1-layer student: none
     if cfg.alpha_hid > 0 and below:  # hidden_states[0] is the embeddings: layer i's is [i + 1]
-        terms["hid"] = L_hid([s_states[j + 1].flatten(0, 1)[real] for j in range(len(below))],
-                             [t_states[i + 1].flatten(0, 1)[real].float() for i in below])
+        terms["hid"] = L_hid([s_states[j + 1].flatten(0, 1)[token_rows] for j in range(len(below))],
+                             [t_states[i + 1].flatten(0, 1)[token_rows].float() for i in below])
     if cfg.alpha_pool > 0:  # no attention mask means no padding: every position is a token
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         terms["pool"] = L_pool(s_states[-1], t_states[-1], mask)
@@ -359,422 +367,10 @@ def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
     return total_loss(terms, weights), terms
 
 
-# ----------------------------------------------------------------------------- the output folder
+# ----------------------------------------------------------------------------- pretrain
 
-RUN_MARKER = "tinydistil-run.json"  # marks --out as ours: --overwrite replaces only our own files
-RUN_FILES = (RUN_MARKER, "checkpoints", "train_log.jsonl", "train_log.svg", "model.safetensors",
-             "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json")
-# what a sentence-transformers teacher's student carries (tasks/zero_shot.py), replaced as well
-RUN_FILES += ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-              "1_Pooling", "2_Normalize")
-RESUMABLE_CHANGES = {"resume", "overwrite", "log_every", "save_every", "device", "data_dir",
-                     "ddp_timeout"}
-
-
-class claim_out_dir:
-    """`with claim_out_dir(cfg, out, master):` --out must be new, empty, or a tinydistil run of its
-    own (then --resume or --overwrite): a user's files are never overwritten. The run holds a lock
-    on --out until it ends (common.FolderLock), taken before anything in it is checked or
-    replaced: a second run, --resume or --overwrite of a running run is refused. The folder is
-    created and written to before the teacher loads, so a bad path fails in a second, not after
-    the run; if the run then fails before its first complete checkpoint, a folder this call
-    created is removed."""
-
-    def __init__(self, cfg, out: Path, master: bool):
-        self.out, self.created, self.lock = out, False, None
-        if master:
-            self.created = not out.exists()
-            if out.exists() and not out.is_dir():
-                raise UserError(f"--out {out} is a file: give a new or empty folder")
-            self.lock = FolderLock(out)
-            try:
-                check_out_dir(cfg, out)
-                sweep_leftovers(out)
-                marker = json.dumps({"config": asdict(cfg)}, indent=1)
-                atomic_write(out / RUN_MARKER, marker.encode(), "give a folder you can write to")
-            except BaseException:
-                self.__exit__(UserError, None, None)
-                raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if self.lock is None:
-            return
-        if kind is not None and self.created and not (self.out / "checkpoints" / "latest").exists():
-            shutil.rmtree(self.out, ignore_errors=True)  # under the lock: no one else is in it
-        self.lock.release()
-
-
-def sweep_leftovers(out: Path):
-    """What a killed run left half-written (atomic_write's *.tmp files, a checkpoint's
-    step-N.tmp): removed once this run holds the lock, so no other process can be writing it."""
-    for path in [*out.glob("*.tmp"), *(out / "checkpoints").glob("*.tmp")]:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def check_out_dir(cfg, out: Path):
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a new or empty folder")
-    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
-    ours = RUN_MARKER in entries
-    if entries and not ours:
-        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise UserError(f"--out {out} holds files that are not a tinydistil run ({shown}): give a "
-                        f"new or empty folder")
-    latest = out / "checkpoints" / "latest"
-    if cfg.resume and not latest.is_file():
-        again = ": start it again with --overwrite" if ours else ""
-        raise UserError(f"--resume: {out} has no complete checkpoint to continue from{again}")
-    if ours and not (cfg.resume or cfg.overwrite):
-        held = f"checkpoint {latest.read_text().strip()}" if latest.is_file() else "a student"
-        raise UserError(f"{out} already holds a tinydistil run ({held}): pass --resume to continue "
-                        f"it, --overwrite to replace it, or choose another --out")
-    if ours and cfg.overwrite:
-        replaced = [name for name in RUN_FILES if (out / name).exists()]
-        print(f"--overwrite: replacing {', '.join(replaced)} in {out}")
-        for name in replaced:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def read_train_log(path: Path) -> list:
-    """train_log.jsonl as dicts; a line cut short (a run killed mid-write) is skipped."""
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return rows
-
-
-def write_train_log_svg(out: Path):
-    """--out/train_log.svg from train_log.jsonl: each loss term, the learning rate and the MFU
-    against the step, one panel each (svg.py); rewritten at every checkpoint."""
-    from svg import line_panel, page
-    rows = read_train_log(out / "train_log.jsonl")
-
-    def column(key):
-        return [(row["step"], row.get(key)) for row in rows]
-    mfu = [(step, None if v is None else 100 * v) for step, v in column("mfu")]
-    panels = [line_panel(title, {key: column(key)}, "step") for title, key in (
-        ("loss (weighted sum)", "loss"), ("L_ce (soft targets)", "loss_ce"),
-        ("L_mlm (masked LM)", "loss_mlm"), ("L_cos (hidden states)", "loss_cos"))]
-    panels += [line_panel("learning rate", {"lr": column("lr")}, "step", from_zero=True),
-               line_panel("MFU, %", {"mfu": mfu}, "step", from_zero=True,
-                          empty="MFU unknown (no native bfloat16)")]
-    title = f"{out}: distillation, {len(rows)} log lines"
-    atomic_write(out / "train_log.svg", page(panels, columns=3, title=title).encode())
-
-
-def save_checkpoint(out: Path, student, opt, step, data_position, mask_gen, cfg, dist):
-    """checkpoints/step-N/ (the student + train_state.pt) is written under a temporary name and
-    renamed when complete, then checkpoints/latest points at it: a kill at any moment leaves the
-    previous checkpoint whole. The student is also saved at the top of --out for `eval`."""
-    device = dist.device  # dropout on a GPU draws from the device's generator; masking on the host
-    rng = {"torch": [torch.get_rng_state()], "mask": [mask_gen.get_state()],
-           "cuda": [torch.cuda.get_rng_state(device) if device.type == "cuda" else None],
-           "device": [device.type]}
-    if dist.world > 1:  # every rank has its own dropout and masking streams
-        gathered = [None] * dist.world
-        torch.distributed.all_gather_object(gathered, rng, group=dist.host)
-        rng = {k: [g[k][0] for g in gathered] for k in rng}
-    if dist.rank != 0:
-        return
-    ckpts = out / "checkpoints"
-    final, tmp = ckpts / f"step-{step}", ckpts / f"step-{step}.tmp"
-    latest = ckpts / "latest"
-    advice = "nothing was saved: run again once there is space"
-    if latest.is_file():
-        advice = (f"the last complete checkpoint, {latest.read_text().strip()}, is kept: continue "
-                  f"with {resume_command()} once there is space")
-    try:  # a full disk: the half-written checkpoint goes, the last complete one stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp)
-        state = {"step": step, "data_position": data_position, "optimizer": opt.state_dict(),
-                 "rng": rng, "config": asdict(cfg)}
-        atomic_write(tmp / "train_state.pt", lambda f: torch.save(state, f))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write(latest, final.name.encode())
-    except OSError as e:
-        raise write_error(final, e, advice) from None
-    except UserError as e:  # atomic_write's line, and what --resume can still use
-        raise UserError(f"{e}; {advice}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in ckpts.glob("step-*"):
-        if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
-    student.save_pretrained(out)
-    write_train_log_svg(out)
-    save_sentence_transformers_files(student, out)
-
-
-def check_checkpoint_space(out: Path, student):
-    """Before the first step: a checkpoint holds the student and AdamW's two moments (3 copies of
-    the weights), and the student at the top of --out is replaced beside itself (1 more)."""
-    weights = sum(p.numel() * p.element_size() for p in student.parameters())
-    check_free_space(out, 4 * weights, "a checkpoint",
-                     "free some space or choose another --out before training")
-
-
-def save_sentence_transformers_files(student, out: Path):
-    """A sentence-transformers teacher gives a sentence-transformers student: its modules.json,
-    pooling and settings are copied beside the student, so SentenceTransformer(out) loads it and
-    pools as the teacher (and as `eval stsb --zero-shot` scores it)."""
-    from tasks.zero_shot import copy_sentence_transformers_files
-    copy_sentence_transformers_files(student.source_dir, out)
-
-
-def read_checkpoint(cfg, out: Path, world: int) -> dict:
-    """The last complete checkpoint's train_state, after checking it belongs to this very run."""
-    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-    try:
-        # On the host whatever device saved it: restore_checkpoint moves the optimizer's state
-        # to this run's device (another GPU, the CPU), and no rank fills GPU 0 with rank 0's.
-        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise UserError(f"--resume: cannot read {ckpt / 'train_state.pt'} ({e})") from None
-    saved = state["config"]
-    if len(state["rng"]["torch"]) != world:
-        raise UserError(f"--resume: {out} was trained by {len(state['rng']['torch'])} processes, "
-                        f"this run has {world}: resume with the same number")
-    changed = [k for k, v in asdict(cfg).items()
-               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-    if changed:  # the step count sets the lr schedule, the seed the masks: all must match
-        raise UserError(f"--resume: {out} was trained with other settings ("
-                        + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} not {getattr(cfg, k)}"
-                                    for k in changed) + "): pass the same arguments")
-    return {**state, "dir": ckpt}
-
-
-def restore_checkpoint(state, student, opt, mask_gen, dist, seed: int, out: Path, master: bool):
-    """Weights, optimizer, random streams and data position of a checkpoint: the run continues
-    bit for bit as if never stopped (on CUDA, see the README). Log lines written after the
-    checkpoint are dropped. Returns (step, data position, a line to show or "")."""
-    from model import BERT
-    student.load_state_dict(BERT.from_pretrained(str(state["dir"])).state_dict())
-    opt.load_state_dict(state.pop("optimizer"))  # its tensors go to the parameters' device
-    note = restore_random_streams(state["rng"], dist.rank, dist.device, mask_gen, seed,
-                                  state["step"])
-    log_path = out / "train_log.jsonl"
-    if master and log_path.is_file():
-        kept = [row for row in read_train_log(log_path) if row["step"] <= state["step"]]
-        atomic_write(log_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
-    return state["step"], state["data_position"], note
-
-
-def restore_random_streams(rng: dict, rank: int, device: torch.device, mask_gen, seed: int,
-                           step: int) -> str:
-    """The host's stream and masking's (a host generator) carry over from any device. Dropout on
-    a GPU draws from the GPU's generator, which carries over between GPUs; but a CPU's and a GPU's
-    streams are different generators, so resuming across the two continues dropout on this
-    device's stream (on a GPU, seeded from --seed and the step) and returns a line saying so."""
-    saved = rng.get("device", [None])[rank] or ("cpu" if rng["cuda"][rank] is None else "cuda")
-    torch.set_rng_state(rng["torch"][rank])
-    note = ""
-    if "device" in rng or saved == "cpu":  # before "device" was saved, masking ran on the device
-        mask_gen.set_state(rng["mask"][rank])
-    else:
-        mask_gen.manual_seed(1_000_003 * (seed + 1) + rank + 7919 * step)
-        note = ("the masking stream (saved by a GPU's generator) is reseeded from --seed and "
-                "the step")
-    if saved == device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"][rank], device)
-    elif saved != device.type:
-        if device.type == "cuda":
-            torch.cuda.manual_seed(1_000_003 * (seed + rank) + step)
-        note = (f"--resume on {device.type} from a checkpoint made on {saved}: the weights, the "
-                f"optimizer, the data position{'' if note else ' and the masking stream'} carry "
-                f"over, dropout draws from {device.type}'s own random stream (it cannot carry "
-                f"over between a CPU and a GPU), so the run continues, not bit for bit"
-                + (f"; {note}" if note else ""))
-    return note
-
-
-# ------------------------------------------------------------------------ processes, signals, logs
-
-@dataclass
-class Distributed:
-    rank: int
-    world: int
-    device: torch.device
-    host: object = None  # a gloo group of the same processes, for what happens on the host
-
-
-def start_processes(device_name: str, timeout_minutes: float = 360.0) -> Distributed:
-    """DDP when launched by torchrun (one process per GPU: nccl; on CPU: gloo), else one process.
-    Beside it a gloo group for the host's own waits, which never wait for a GPU: the ranks waiting
-    for rank 0 to prepare the data (with its own timeout: a large corpus takes longer than NCCL's
-    10 minutes), the SIGTERM flag, the random states gathered for a checkpoint."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Distributed(0, 1, pick_device(device_name))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":  # NCCL and all_gather_object use the current device: one GPU per rank
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    host = torch.distributed.new_group(backend="gloo",
-                                       timeout=datetime.timedelta(minutes=timeout_minutes))
-    return Distributed(rank, world, device, host)
-
-
-def wait_for_everyone(dist: Distributed, timeout_minutes: float):
-    """A barrier on the host group: one line if a rank waited past --ddp-timeout."""
-    try:
-        torch.distributed.barrier(group=dist.host)
-    except RuntimeError as e:  # gloo's timeout (DistBackendError is a RuntimeError)
-        raise UserError(f"rank {dist.rank} waited --ddp-timeout {timeout_minutes:g} minutes for "
-                        f"the other processes (rank 0 loads the teacher and tokenises the corpus "
-                        f"first): give a longer --ddp-timeout ({str(e).splitlines()[0]})") from None
-
-
-def stop_processes(dist: Distributed):
-    if dist.world > 1:  # rank 0 may still be saving; tearing gloo down under it aborts the others
-        torch.distributed.barrier(group=dist.host)
-    if dist.host is not None:  # torchrun, one process or more
-        torch.distributed.destroy_process_group()
-
-
-class Preempted(Exception):
-    """SIGTERM arrived: the run saved a checkpoint and stops; main() exits with 128 + the signal."""
-
-
-class StopSignal:
-    """SIGTERM (what a cluster sends before preemption) lets the current step finish; the loop then
-    saves a checkpoint and stops. Under DDP every rank must agree, so the flag is all-reduced."""
-
-    def __init__(self):
-        self.received = False
-        self.previous = signal.signal(signal.SIGTERM, self.handle)
-
-    def handle(self, signum, frame):
-        self.received = True
-
-    def agreed(self, dist: Distributed) -> bool:
-        if dist.world == 1:
-            return self.received
-        flag = torch.tensor([float(self.received)])  # on the host: the GPU's queue runs on
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=dist.host)
-        return bool(flag.item())
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
-
-
-_PEAKS = {}
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
-    """FLOP/s of the best of several large square matmuls: the denominator of MFU (no vendor table,
-    CPU included), or None for bfloat16 where it is emulated. Measured once per process."""
-    if dtype == torch.bfloat16 and not has_bfloat16_matmul(device):
-        return None
-    if (device, dtype) not in _PEAKS:
-        n = 8192 if device.type == "cuda" else 2048  # a GPU runs 4096 in 0.2 ms: timer-bound
-        numbers = torch.Generator(device).manual_seed(0)  # not the global stream: resume replays it
-        a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=numbers) for _ in range(2))
-        best = float("inf")
-        with torch.inference_mode():
-            for _ in range(4):  # the first warms up; the best of the rest is the least disturbed
-                sync(device)
-                t0 = time.perf_counter()
-                a @ b
-                sync(device)
-                best = min(best, time.perf_counter() - t0)
-        _PEAKS[(device, dtype)] = 2 * n ** 3 / best
-    return _PEAKS[(device, dtype)]
-
-
-def flops_per_token(cfg, seq_len: int, with_head: bool) -> float:
-    """Model FLOPs of one token's forward: 2 per multiply-add in the layers' matmuls, attention's
-    two (T x T) products, and the vocabulary head when a loss needs it on every row (L_ce)."""
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq_len * H
-    return cfg.n_layer * layer + (2 * (H * H + H * cfg.vocab_size) if with_head else 0)
-
-
-class TrainLog:
-    """One `|`-separated line per log interval: step, loss terms, lr, grad norm, ms/step, tokens/s,
-    MFU and ETA, also appended to --out/train_log.jsonl; a tqdm bar over the steps (rank 0 only).
-    MFU = model FLOPs done / (seconds x peak FLOP/s of each model's dtype); the teacher runs forward
-    only, the student forward and backward (3x). The peak is the best matmul speed seen so far."""
-
-    def __init__(self, cfg, models, dtypes, dist, total_steps, step):
-        self.cfg, self.models, self.dtypes, self.dist = cfg, models, dtypes, dist
-        self.total, self.logged_at, self.peak_scale = total_steps, step, 1.0
-        self.peaks = [peak_flops(dist.device, dtype) for dtype in dtypes]
-        self.path = Path(cfg.out) / "train_log.jsonl"
-        self.bar = tqdm(total=total_steps, initial=step, unit="step", disable=dist.rank != 0,
-                        dynamic_ncols=True, leave=False)
-        self.reset()
-
-    def reset(self):
-        self.loss_sums, self.tokens, self.seconds_at_peak = {}, 0, 0.0
-        self.t0 = time.perf_counter()
-
-    def add(self, loss, terms, n_tokens: int, seq_len: int):
-        """After each micro-batch: its loss terms (a step's is the mean of its micro-batches'; a
-        log line shows the mean over its steps), tokens and FLOPs."""
-        for name, value in {"loss": loss, **terms}.items():  # summed on the device, read per line
-            step_share = value.detach() / self.cfg.grad_accum
-            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + step_share
-        self.tokens += n_tokens * self.dist.world
-        with_head = self.cfg.alpha_ce > 0
-        for model, peak, passes in zip(self.models, self.peaks, (1, 3)):
-            flops = passes * n_tokens * flops_per_token(model.config, seq_len, with_head)
-            self.seconds_at_peak += flops / peak if peak else float("nan")
-
-    def step(self, step: int, lr: float, grad_norm: torch.Tensor):
-        self.bar.update()
-        if step % self.cfg.log_every and step != self.total:
-            return
-        # The one read of the device per log line (each .item() in the loop would stall it).
-        names = list(self.loss_sums)
-        values = torch.stack([self.loss_sums[k] for k in names] + [grad_norm.float()]).tolist()
-        grad_norm, sums = values.pop(), dict(zip(names, values))
-        sync(self.dist.device)
-        seconds, n_steps = time.perf_counter() - self.t0, step - self.logged_at
-        ms = 1000 * seconds / n_steps
-        self.peak_scale = max(self.peak_scale, self.seconds_at_peak / seconds)  # never above 100%
-        mfu = self.seconds_at_peak / seconds / self.peak_scale
-        names = ("loss", "ce", "mlm", "cos", "hid", "pool")
-        means = {k: sums.get(k, 0.0) / n_steps for k in names}
-        rec = {"step": step, "loss": means["loss"], "loss_ce": means["ce"],
-               "loss_mlm": means["mlm"], "loss_cos": means["cos"], "loss_hid": means["hid"],
-               "loss_pool": means["pool"], "lr": lr,
-               "grad_norm": grad_norm, "ms_per_step": ms,
-               "tokens_per_s": self.tokens / seconds, "mfu": None if math.isnan(mfu) else mfu}
-        eta = time.strftime("%H:%M:%S", time.gmtime(ms / 1000 * (self.total - step)))
-        shown = ("ce", "mlm", "cos") + tuple(k for k in ("hid", "pool")  # the head-less terms
-                                             if getattr(self.cfg, "alpha_" + k) > 0)
-        terms = " | ".join(f"{k} {rec['loss_' + k]:.4f}" for k in shown)
-        mfu_text = f"MFU {100 * mfu:.1f}%"
-        if rec["mfu"] is None:
-            mfu_text = "MFU unknown (no native bfloat16)"
-        if self.dist.rank == 0:
-            self.bar.write(f"step {step:5d}/{self.total} | loss {rec['loss']:.4f} | {terms} | "
-                           f"lr {lr:.2e} | grad norm {grad_norm:.3f} | {ms:.0f} ms/step | "
-                           f"{rec['tokens_per_s']:.0f} tokens/s | {mfu_text} | ETA {eta}")
-            append_line(self.path, json.dumps(rec))
-        self.logged_at = step
-        self.reset()
-
-    def pause(self, seconds: float):
-        self.t0 += seconds  # the log's speed is the training's, not the disk's
-
-
-# ----------------------------------------------------------------------------- pretraining
-
-def load_teacher(cfg):
+def load_teacher(cfg: PretrainConfig) -> BERT:
     """The teacher (paper: bert-base-uncased), checked against the settings that depend on it."""
-    from model import BERT
     teacher = BERT.from_pretrained(cfg.teacher)
     if cfg.seq_len > teacher.config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len}: the teacher has only "
@@ -783,48 +379,37 @@ def load_teacher(cfg):
     return teacher
 
 
-def load_data(cfg, teacher, dist):
-    """The corpus in the teacher's tokenizer, the masking weights of its tokens, and the batches.
-    Rank 0 tokenises and writes the cache first; the other ranks then read it."""
-    from data import Batches, data_dir, load_corpus, load_tokenizer, special_ids, token_probs
-    tok = load_tokenizer(teacher.source_dir)
-    ids = special_ids(tok)
-    seqs = None
-    for turn in ("first", "then"):
-        if (dist.rank == 0) == (turn == "first"):
-            seqs = load_corpus(cfg.data, tok, data_dir(cfg.data_dir),
-                               data_fraction=cfg.data_fraction, seq_len=cfg.seq_len)
-        if dist.world > 1:
-            wait_for_everyone(dist, cfg.ddp_timeout)
-    probs = token_probs(seqs, teacher.config.vocab_size, ids.values(), cfg.mlm_smoothing)
-    batches = Batches(seqs.lengths, cfg.batch_size, cfg.seed, dist.rank, dist.world)
-    if dist.rank == 0:
-        print(f"data {cfg.data}: {seqs.stats['sequences']} sequences, {seqs.stats['tokens']} "
-              f"tokens, {len(batches)} batches of {cfg.batch_size} per process and epoch")
-    return Corpus(seqs, ids, probs, batches)
-
-
 @dataclass
 class Corpus:
-    seqs: object  # data.Sequences: token ids of every sequence
-    ids: dict  # special token -> id
-    probs: torch.Tensor  # (V,) masking weight of each token id
-    batches: object  # data.Batches: this rank's length-grouped batches
+    """The text of section 3 as the loop reads it: what load_data returns."""
+    seqs: Sequences  # token ids of every sequence
+    special: dict  # special token -> id: "pad", "mask", ...
+    mask_weights: torch.Tensor  # (V,) unnormalised masking weight of each token id
+    batches: Batches  # this rank's length-grouped batches
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+def load_data(cfg: PretrainConfig, teacher: BERT, dist: Distributed) -> Corpus:
+    """The corpus in the teacher's tokenizer, the masking weights of its tokens, and the batches.
+    Rank 0 tokenises and writes the cache first; the other ranks then read it."""
+    tok = load_tokenizer(teacher.source_dir)
+    special = special_ids(tok)
+    seqs = rank_0_first(dist, cfg.ddp_timeout, lambda: load_corpus(
+        cfg.data, tok, data_dir(cfg.data_dir), data_fraction=cfg.data_fraction,
+        seq_len=cfg.seq_len))
+    weights = token_probs(seqs, teacher.config.vocab_size, special.values(), cfg.mlm_smoothing)
+    batches = Batches(seqs.lengths, cfg.batch_size, cfg.seed, dist.rank, dist.world)
+    dist.say(f"data {cfg.data}: {seqs.stats['sequences']} sequences, {seqs.stats['tokens']} "
+             f"tokens, {len(batches)} batches of {cfg.batch_size} per process and epoch")
+    return Corpus(seqs, special, weights, batches)
 
 
 def pretrain(cfg: PretrainConfig):
     """Distil a student from cfg.teacher (paper sections 2 and 3) into cfg.out; return it."""
-    from data import WIKITEXT, corpus_files, data_dir
-    from model import configure_optimizers
     dist = start_processes(cfg.device, cfg.ddp_timeout)
     cfg = resolve_recipe(cfg, dist.world, dist.device)
     check_config(cfg)
-    out, master = Path(cfg.out), dist.rank == 0
-    echo = print if master else quiet
-    with claim_out_dir(cfg, out, master):
+    out = Path(cfg.out)
+    with claim_out_dir(cfg, out, dist.rank == 0):  # --out is this run's, locked until it ends
         data_dir(cfg.data_dir)  # a --data-dir or $TINYDISTIL_DATA that is a file: at once, too
         if cfg.data not in WIKITEXT:  # a missing corpus path fails before the teacher loads
             corpus_files(cfg.data, None)
@@ -836,141 +421,114 @@ def pretrain(cfg: PretrainConfig):
         teacher = load_teacher(cfg)
         cfg = resolve_losses(cfg, teacher.config.mlm_head)
         state = read_checkpoint(cfg, out, dist.world) if cfg.resume else None
-        if master:
+        if dist.rank == 0:
             atomic_write(out / RUN_MARKER, json.dumps({"config": asdict(cfg)}, indent=1).encode())
-        echo(describe_recipe(cfg, dist.world, teacher.config.mlm_head))
+        dist.say(describe_recipe(cfg, dist.world, teacher.config.mlm_head))
         if tf32 := use_tf32(dist.device):
-            echo(tf32)
+            dist.say(tf32)
         corpus = load_data(cfg, teacher, dist)
         student, layers = init_student(teacher, cfg.n_layer, cfg.student_init, cfg.train_positions)
-        echo(f"student: {cfg.student_init} init from teacher layers {layers}, "
-             f"{student.num_params() / 1e6:.1f}M params (teacher "
-             f"{teacher.num_params() / 1e6:.1f}M),"
-             f" position embeddings {'trained' if cfg.train_positions else 'frozen'}")
+        dist.say(f"student: {cfg.student_init} init from teacher layers {layers}, "
+                 f"{student.num_params() / 1e6:.1f}M params (teacher "
+                 f"{teacher.num_params() / 1e6:.1f}M),"
+                 f" position embeddings {'trained' if cfg.train_positions else 'frozen'}")
         total_steps = cfg.max_steps
         if total_steps is None:
             total_steps = cfg.epochs * max(1, len(corpus.batches) // cfg.grad_accum)
         if total_steps == 0:
-            if master:
+            if dist.rank == 0:
                 student.save_pretrained(out)
                 save_sentence_transformers_files(student, out)
-            echo(f"--max-steps 0: saved the initialised student to {out}")
-            stop_processes(dist)
-            return student
-
-        # Optimisation (section 3): AdamW as the reference (betas 0.9/0.98, eps 1e-6), linear
-        # warm-up then decay, gradient clipping. The frozen teacher runs in its own precision.
-        dtypes = (DTYPES[cfg.teacher_dtype], DTYPES[cfg.dtype])
-        teacher.to(dist.device, dtypes[0]).eval().requires_grad_(False)
-        student.to(dist.device).train()
-        opt = configure_optimizers(student, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98), eps=1e-6)
-        model = StudentForDistillation(student)
-        if dist.world > 1:  # with L_ce and L_mlm both off, the MLM head gets no gradient
-            model = nn.parallel.DistributedDataParallel(
-                model, find_unused_parameters=cfg.alpha_ce == cfg.alpha_mlm == 0)
-        # Masking draws from its own random stream, apart from dropout's, on the host (the same
-        # masks on any device).
-        mask_gen = torch.Generator().manual_seed(1_000_003 * (cfg.seed + 1) + dist.rank)
-        step, data_position = 0, (0, 0)
-        if state is not None:
-            step, data_position, note = restore_checkpoint(state, student, opt, mask_gen, dist,
-                                                           cfg.seed, out, master)
-            echo(f"resumed from {state['dir']} at step {step}" + (f"; {note}" if note else ""))
-        if master:
-            check_checkpoint_space(out, student)
-        run = Run(cfg, teacher, model, opt, corpus, mask_gen, dtypes, dist, total_steps)
-        try:
-            distil(run, step, data_position)
-        except Preempted:  # every rank saved its part: leave together, after rank 0's writing
-            stop_processes(dist)
-            raise
-        echo(f"saved the student to {out}; fine-tune it with: "
-             f"python tinydistil.py eval sst2 --model {out}")
+            dist.say(f"--max-steps 0: saved the initialised student to {out}")
+        else:
+            try:
+                train(cfg, teacher, student, corpus, state, dist, total_steps)
+            except Preempted:  # every rank saved its part: leave together, after rank 0's writing
+                stop_processes(dist)
+                raise
+            dist.say(f"saved the student to {out}; fine-tune it with: "
+                     f"python tinydistil.py eval sst2 --model {out}")
         stop_processes(dist)
         return student
 
 
-@dataclass
-class Run:
-    """What the loop works with, made by pretrain() in the paper's order."""
-    cfg: PretrainConfig
-    teacher: nn.Module
-    model: nn.Module  # StudentForDistillation, wrapped in DDP when there are several processes
-    opt: torch.optim.Optimizer
-    corpus: "Corpus"
-    mask_gen: torch.Generator
-    dtypes: tuple  # (teacher dtype, student dtype)
-    dist: Distributed
-    total_steps: int
+def train(cfg: PretrainConfig, teacher: BERT, student: BERT, corpus: Corpus, state, dist,
+          total_steps: int):
+    """Optimisation (section 3): AdamW as the reference (harness.ADAMW_BETAS, ADAMW_EPS), linear
+    warm-up then decay, gradient clipping; then the loop, from the checkpoint in state if any."""
+    # The frozen teacher runs in its own precision (bfloat16 where native: the small recipe).
+    teacher.to(dist.device, DTYPES[cfg.teacher_dtype]).eval().requires_grad_(False)
+    student.to(dist.device).train()
+    opt = configure_optimizers(student, cfg.lr, cfg.weight_decay, betas=ADAMW_BETAS, eps=ADAMW_EPS)
+    model = StudentForDistillation(student)
+    if dist.world > 1:  # with L_ce and L_mlm both off, the MLM head gets no gradient
+        model = nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=cfg.alpha_ce == cfg.alpha_mlm == 0)
+    mask_gen = masking_stream(cfg.seed, dist.rank)
+    step, data_position = 0, (0, 0)
+    if state is not None:
+        step, data_position, note = restore_checkpoint(state, student, opt, mask_gen, dist,
+                                                       cfg.seed, Path(cfg.out), dist.rank == 0)
+        dist.say(f"resumed from {state['dir']} at step {step}" + (f"; {note}" if note else ""))
+    if dist.rank == 0:
+        check_checkpoint_space(Path(cfg.out), student)
+    train_loop(cfg, teacher, model, opt, corpus, mask_gen, dist, total_steps, step, data_position)
 
 
-def distil(run: Run, step: int, data_position: tuple):
-    """The training loop, from step on: one optimizer step per cfg.grad_accum micro-batches."""
-    from data import collate, mask_batch
-    cfg, dist, corpus, student = run.cfg, run.dist, run.corpus, unwrap(run.model).student
+# ----------------------------------------------------------------------------- the loop
+
+def train_loop(cfg: PretrainConfig, teacher: BERT, model: nn.Module, opt, corpus: Corpus,
+               mask_gen: torch.Generator, dist: Distributed, total_steps: int, step: int,
+               data_position: tuple):
+    """The training loop, from step on: one optimizer step per cfg.grad_accum micro-batches.
+    model is StudentForDistillation, wrapped in DDP when there are several processes."""
+    student, out = unwrap(model).student, Path(cfg.out)
+    dtypes = (DTYPES[cfg.teacher_dtype], DTYPES[cfg.dtype])
     stream = corpus.batches.stream(*data_position)
-    save_every = cfg.save_every or max(1, math.ceil(run.total_steps / 5))
-    warmup = warmup_steps(run.total_steps, cfg.warmup)
-    log = TrainLog(cfg, (run.teacher, student), run.dtypes, dist, run.total_steps, step)
+    save_every = cfg.save_every or max(1, math.ceil(total_steps / 5))
+    warmup = warmup_steps(total_steps, cfg.warmup)
+    log = TrainLog(cfg, (teacher, student), dtypes, dist, total_steps, step)
     stop = StopSignal()
     try:
-        while step < run.total_steps:
+        while step < total_steps:
             # Micro-batches, each masked afresh (dynamic masking, as RoBERTa and the paper) on the
             # host, then copied to the device; DDP averages the gradients over processes once, on
             # the last one.
             for micro in range(cfg.grad_accum):
                 epoch, batch_index, idx = next(stream)
-                input_ids, attention_mask = collate(corpus.seqs, idx, corpus.ids["pad"])
-                input_ids, labels = mask_batch(input_ids, attention_mask, corpus.probs,
-                                               corpus.ids["mask"], run.teacher.config.vocab_size,
-                                               run.mask_gen, cfg.mlm_mask_prop)
+                input_ids, attention_mask = collate(corpus.seqs, idx, corpus.special["pad"])
+                input_ids, labels = mask_batch(input_ids, attention_mask, corpus.mask_weights,
+                                               corpus.special["mask"], teacher.config.vocab_size,
+                                               mask_gen, cfg.mlm_mask_prop)
                 batch = to_device(input_ids, attention_mask, labels, dist.device)
-                with no_sync(run.model, micro < cfg.grad_accum - 1):
-                    loss, terms = distillation_loss(run.teacher, run.model, batch, cfg, run.dtypes)
+                with no_sync(model, micro < cfg.grad_accum - 1):
+                    loss, terms = distillation_loss(teacher, model, batch, cfg, dtypes)
                     (loss / cfg.grad_accum).backward()
                 log.add(loss, terms, batch.n_tokens, input_ids.shape[1])
             # The update: the lr warms up then decays linearly; the gradient norm is clipped.
-            lr = cfg.lr * lr_factor(step, run.total_steps, warmup)
-            for group in run.opt.param_groups:
+            lr = cfg.lr * lr_factor(step, total_steps, warmup)
+            for group in opt.param_groups:
                 group["lr"] = lr
             grad_norm = nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            run.opt.step()
-            run.opt.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             step += 1
             log.step(step, lr, grad_norm)
-            # Save every save_every steps, at the end, and when SIGTERM asks the run to stop.
+            # Save every save_every steps, at the end, and when SIGTERM asks the run to stop: a
+            # preempted run continues from here with --resume, bit for bit.
             stopping = stop.agreed(dist)
-            if step % save_every == 0 or step == run.total_steps or stopping:
+            if step % save_every == 0 or step == total_steps or stopping:
                 t_save = time.perf_counter()
-                save_checkpoint(Path(cfg.out), student, run.opt, step, (epoch, batch_index + 1),
-                                run.mask_gen, cfg, dist)
+                save_checkpoint(out, student, opt, step, (epoch, batch_index + 1), mask_gen, cfg,
+                                dist)
                 log.pause(time.perf_counter() - t_save)
-            if stopping and step < run.total_steps:  # what to do is said once, by rank 0
+            if stopping and step < total_steps:  # what to do is said once, by rank 0
                 raise Preempted(f"stopped by SIGTERM after step {step}, saved in {cfg.out}; "
                                 f"continue with: {resume_command()}" if dist.rank == 0 else "")
     finally:
         stop.restore()
         log.bar.close()
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def no_sync(model: nn.Module, skip: bool):
-    """DDP's no_sync() on micro-batches whose gradients are only accumulated, else nothing."""
-    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def quiet(*args, **kwargs):
-    """print() for the ranks other than 0, which keep silent."""
-
-
-def resume_command() -> str:
-    args = sys.argv[1:] if "--resume" in sys.argv else sys.argv[1:] + ["--resume"]
-    return shlex.join(["python", Path(sys.argv[0]).name, *args])
 # ----------------------------------------------------------------------------- fill-mask
 
 @dataclass
@@ -982,8 +540,6 @@ class FillMaskConfig:
 
 def fill_mask(cfg: FillMaskConfig):
     """Top-k predictions for each [MASK]: the first check that a teacher loaded right."""
-    from data import load_tokenizer, special_ids
-    from model import BERT
     if cfg.top_k < 1:
         raise UserError(f"--top-k {cfg.top_k}: show at least 1 prediction")
     model = BERT.from_pretrained(cfg.model)
@@ -1016,7 +572,6 @@ class ReportConfig:
 
 
 def report(cfg: ReportConfig):
-    from tasks.report import render, render_svg
     if cfg.svg:
         check_output_file(cfg.svg, "--svg")
     print(render(cfg.results, cfg.teacher))
@@ -1028,11 +583,10 @@ def report(cfg: ReportConfig):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    from fit_head import FitHeadConfig, fit_head
-    from tasks.finetune import EvalConfig, run
     commands = {  # name -> (config dataclass, positional fields, function, one-line help)
         "pretrain": (PretrainConfig, (), pretrain, "distil a student from a BERT teacher"),
-        "eval": (EvalConfig, ("task",), run, "fine-tune and score a model on a task (or glue)"),
+        "eval": (EvalConfig, ("task",), eval_run,
+                 "fine-tune and score a model on a task (or glue)"),
         "report": (ReportConfig, (), report, "render the paper's Tables 1 and 2 from the results"),
         "fill-mask": (FillMaskConfig, ("text",), fill_mask, "top predictions for [MASK] tokens"),
         "fit-head": (FitHeadConfig, ("teacher",), fit_head,
@@ -1063,3 +617,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

@@ -14,7 +14,7 @@ copied there, and everything computed from them) and counts the ops that read su
 values back to the host. Tensors made by factory functions (torch.zeros(..., device=...)) count as
 the device's once they meet a device tensor. On CUDA, torch.cuda.set_sync_debug_mode("warn")
 counts the real ones too. The run is `tinydistil.pretrain` itself, with the counter around its
-loop (`distil`); steps are delimited by the log's per-step hook, so a log step's reading of the
+loop (`train_loop`); steps are delimited by the log's per-step hook, so a log step's reading of the
 losses is counted in its step.
 """
 import argparse
@@ -138,17 +138,17 @@ def count(cfg) -> dict:
     """Run pretrain(cfg) with the counter around its loop: {"steps": [syncs per step], "what":
     {op at file:line: total}, and on CUDA "cuda_steps": [syncs per step by CUDA's own count]}."""
     counter, seen = SyncCounter(), {"device": None, "cuda": [], "caught": []}
-    original_distil, original_step = tinydistil.distil, tinydistil.TrainLog.step
+    original_loop, original_step = tinydistil.train_loop, tinydistil.TrainLog.step
 
     def counted_step(log, step, *args):
         original_step(log, step, *args)
         counter.step = step + 1
         seen["cuda"].append(sum("synchroniz" in str(w.message) for w in seen["caught"]))
 
-    def counted_distil(run, step, data_position):
-        device = seen["device"] = run.dist.device
-        for model in (run.teacher, run.model):
-            for t in [*model.parameters(), *model.buffers()]:
+    def counted_loop(cfg, teacher, model, opt, corpus, mask_gen, dist, *rest):
+        device = seen["device"] = dist.device
+        for module in (teacher, model):
+            for t in [*module.parameters(), *module.buffers()]:
                 mark(t)
         undo = patch_copies(counter, device)
         try:
@@ -157,16 +157,16 @@ def count(cfg) -> dict:
                 seen["caught"] = caught
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode("warn")
-                original_distil(run, step, data_position)
+                original_loop(cfg, teacher, model, opt, corpus, mask_gen, dist, *rest)
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
             undo()
-    tinydistil.distil, tinydistil.TrainLog.step = counted_distil, counted_step
+    tinydistil.train_loop, tinydistil.TrainLog.step = counted_loop, counted_step
     try:
         tinydistil.pretrain(cfg)
     finally:
-        tinydistil.distil, tinydistil.TrainLog.step = original_distil, original_step
+        tinydistil.train_loop, tinydistil.TrainLog.step = original_loop, original_step
     n = cfg.max_steps
     steps = [sum(counter.by_step[s].values()) for s in range(1, n + 1)]
     what = collections.Counter()

@@ -40,12 +40,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from common import (FolderLock, UserError, append_line, check_output_file, has_bfloat16_matmul,
-                    looks_like_path, lr_factor, pick_device, use_tf32, warmup_steps)
+from common import (DTYPES, FolderLock, UserError, append_line, check_output_file,
+                    has_bfloat16_matmul, looks_like_path, lr_factor, pick_device, use_tf32,
+                    warmup_steps)
 from losses import total_loss
 from model import BERT, configure_optimizers
 from tasks import distill, glue, imdb, squad, zero_shot
-from tasks.heads import TaskModel, task_head
+from tasks.heads import TaskModel, task_head, tokenizer_for
 from tasks.metrics import accuracy
 
 TASKS = (*glue.TASKS, "imdb", "squad")
@@ -64,7 +65,6 @@ DEFAULTS.update(wnli=Recipe(2e-5, 5, 128), imdb=Recipe(2e-5, 3, 512),
                 squad=Recipe(3e-5, 2, 384))
 DEFAULT_STUDENT = "out/student"  # where `tinydistil.py pretrain` writes it
 SUBSET_SEED = 0  # draws the --max-*-examples subsets: the same whatever --seed
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -147,13 +147,6 @@ def _with_task_defaults(cfg: EvalConfig, encoder: BERT, teacher: Optional[TaskMo
 
 
 # ----------------------------------------------------------------------------- data
-
-def tokenizer_for(encoder: BERT):
-    if encoder.source_dir is None:
-        raise UserError("this model was built without a checkpoint folder, so it has no "
-                        "tokenizer: save_pretrained it and load it back, or give a folder")
-    return data.load_tokenizer(encoder.source_dir)
-
 
 def _subset(items, n):
     if n is None or n >= len(items):

@@ -22,11 +22,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from common import UserError
 from model import BERT
 from tasks import glue, imdb
 
 SEQ_CLASSIF_DROPOUT, QA_DROPOUT = 0.2, 0.1  # DistilBERT's defaults; hub's config_to_hf writes them
+
+
+def tokenizer_for(encoder: BERT):
+    """The tokenizer saved beside an encoder's checkpoint (fine-tuning and zero-shot both read
+    text with it)."""
+    if encoder.source_dir is None:
+        raise UserError("this model was built without a checkpoint folder, so it has no "
+                        "tokenizer: save_pretrained it and load it back, or give a folder")
+    return data.load_tokenizer(encoder.source_dir)
 
 
 class Head(NamedTuple):

@@ -30,8 +30,10 @@ import torch
 from tqdm import tqdm
 
 import data
-from common import UserError, append_line, pick_device
+from common import DTYPES, UserError, append_line, pick_device
+from model import BERT
 from tasks import glue
+from tasks.heads import tokenizer_for
 from tasks.metrics import pearson, spearman
 
 POOLINGS = ("mean", "cls")
@@ -156,8 +158,6 @@ def zero_shot_sts(model_dir, data_dir=None, pooling=None, max_seq_len=None, batc
     """Zero-shot STS-B dev of a model folder (or Hub id): {"spearman", "pearson"} (correlations in
     -1..1, as every metric here), "pooling", "pairs", "max_seq_len". pooling None: the folder's
     sentence-transformers pooling, else mean. encoder: an already loaded BERT of that folder."""
-    from model import BERT
-    from tasks.finetune import tokenizer_for
     if pooling is not None and pooling not in POOLINGS:
         raise UserError(f"--pooling {pooling!r}: use {' or '.join(POOLINGS)}")
     pairs = glue.load("stsb", "dev", data_dir)  # a missing dataset fails before the model loads
@@ -192,7 +192,6 @@ def check_config(cfg):
 
 def run(cfg) -> dict:
     """`eval stsb --zero-shot`: score cfg.model, append one results line and return it."""
-    from tasks.finetune import DTYPES
     start = time.time()
     result = zero_shot_sts(cfg.model, cfg.data_dir, cfg.pooling, cfg.max_seq_len, cfg.batch_size,
                            cfg.device, DTYPES[cfg.dtype])
