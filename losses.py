@@ -5,6 +5,8 @@ trained on a linear combination of the distillation loss L_ce over the teacher's
 masked language modelling loss L_mlm, and a cosine embedding loss L_cos aligning hidden states
 (defaults 5.0 * L_ce + 2.0 * L_mlm + 1.0 * L_cos, as the reference train.py). The formulas follow
 the reference distiller.py. Every term is computed in float32, even under bfloat16 autocast.
+Each term is written plainly first; L_ce_chunked, the same L_ce with its gradient fused for the
+(N, V) vocabulary logits of pretraining, comes right after L_ce.
 
 A teacher without an MLM head (a sentence encoder) has no soft targets for L_ce; two more terms
 serve it (tinydistil.LOSSES, studies/retention_sts.md): L_hid, the cosine loss on the layers below
@@ -12,7 +14,7 @@ the last, and L_pool, the cosine loss on the mean-pooled sentence embedding.
 
 Section 4.1, "DistilBERT (D)": a second distillation during fine-tuning, from a teacher already
 fine-tuned on the task, as the reference run_squad_w_distillation.py. Its loss is
-(1 - alpha) * task loss + alpha * KD term, the KD term being L_ce_reference on the class logits,
+(1 - alpha) * task loss + alpha * KD term, the KD term being L_ce on the class logits,
 L_kd_span on SQuAD's start and end distributions, L_kd_mse for STS-B's regression.
 
 Used by `python tinydistil.py pretrain` and `eval --teacher`; tested by test_all.py.
@@ -22,24 +24,35 @@ import torch.nn.functional as F
 
 
 def L_ce(s_logits, t_logits, temperature=2.0):
-    """Distillation loss over N token rows, (N, V) logits each, with temperature T:
+    """Distillation loss over N rows of (N, V) logits, with temperature T:
 
         L_ce = T^2 * (1/N) * sum_i sum_v p_iv * (log p_iv - log q_iv)
         p = softmax(t_logits / T),  q = softmax(s_logits / T)
 
     i.e. KL(p || q) with reduction batchmean, as the reference's KLDivLoss; T^2 keeps the gradient
-    scale independent of T (Hinton et al. 2015). The caller passes every non-pad token, masked or
-    not.
+    scale independent of T (Hinton et al. 2015). Pretraining passes every non-pad token, masked or
+    not; fine-tuning's distillation (tasks/distil.py) the task's class logits. t_logits gets no
+    gradient (the teacher's). Pretraining computes the same value with L_ce_chunked.
+    """
+    T = temperature
+    log_q = F.log_softmax(s_logits.float() / T, dim=-1)
+    p = F.softmax(t_logits.detach().float() / T, dim=-1)
+    return T * T * F.kl_div(log_q, p, reduction="batchmean")
 
-    Its gradient has the closed form dL_ce/ds_iv = T * (q_iv - p_iv) / N, so it is computed together
-    with the loss, a few rows at a time: the (N, V) float32 temporaries autograd would keep (about a
-    dozen of 250 MB each at 16 x 128 tokens, every one a fresh page-faulted allocation on CPU) never
-    exist. Same values as F.kl_div, 3.5x faster here. t_logits gets no gradient (the teacher's).
+
+def L_ce_chunked(s_logits, t_logits, temperature=2.0):
+    """L_ce, same formula and value, with its gradient computed together with the loss, a few rows
+    at a time: what pretraining uses over the (N, V) vocabulary logits. The gradient has the closed
+    form dL_ce/ds_iv = T * (q_iv - p_iv) / N, so the (N, V) float32 temporaries autograd would keep
+    (about a dozen of 250 MB each at 16 x 128 tokens, every one a fresh page-faulted allocation on
+    CPU) never exist. 3.5x faster than L_ce here; at fine-tuning's 2 or 3 classes there is nothing
+    to save, so that uses L_ce.
     """
     return _SoftTargetKL.apply(s_logits, t_logits.detach(), float(temperature))
 
 
 class _SoftTargetKL(torch.autograd.Function):
+    """L_ce_chunked's forward (the loss and, row chunk by row chunk, its gradient) and backward."""
     ROWS = 64  # rows per chunk: a 64 x 30522 float32 chunk (7.8 MB) is reused, not page-faulted
     # On a GPU each chunk is ~10 short kernels, launched one by one: big chunks (125 MB of float32
     # at V = 30522) keep it busy, 2 or 3 of them per micro-batch of 2,048 to 2,560 rows.
@@ -68,25 +81,11 @@ class _SoftTargetKL(torch.autograd.Function):
         return grad.mul_(grad_out * ctx.scale).to(ctx.dtype), None, None
 
 
-def L_ce_reference(s_logits, t_logits, temperature=2.0):
-    """L_ce written plainly, same formula and value (L_ce is this, with a hand-written gradient):
-
-        T^2 * KL(softmax(t_logits / T) || softmax(s_logits / T)), batchmean over the N rows
-
-    Autograd keeps a few (N, C) temporaries, nothing at fine-tuning's C = 2 or 3 classes, so the
-    distillation term of fine-tuning (Hinton et al. 2015 soft targets on the task logits) is this.
-    """
-    T = temperature
-    log_q = F.log_softmax(s_logits.float() / T, dim=-1)
-    p = F.softmax(t_logits.detach().float() / T, dim=-1)
-    return T * T * F.kl_div(log_q, p, reduction="batchmean")
-
-
 def L_kd_span(s_logits, t_logits, attention_mask, temperature=2.0):
     """SQuAD's distillation term (run_squad_w_distillation.py): the mean of the soft-target losses
     on the start and on the end distributions over each window's tokens, s/t_logits (B, T, 2):
 
-        L_kd_span = (L_ce_reference(s_start, t_start, T) + L_ce_reference(s_end, t_end, T)) / 2
+        L_kd_span = (L_ce(s_start, t_start, T) + L_ce(s_end, t_end, T)) / 2
 
     Unlike the reference, padding is left out of both distributions (probability 0 for the teacher
     and the student): its logits mean nothing, and then a cached teacher row does not depend on the
@@ -95,8 +94,8 @@ def L_kd_span(s_logits, t_logits, attention_mask, temperature=2.0):
     pad = ~attention_mask.bool()[..., None]  # (B, T, 1)
     s = s_logits.float().masked_fill(pad, -1e4)  # exp(-1e4 / T) is 0 in float32: no -inf * 0 nans
     t = t_logits.float().masked_fill(pad, -1e4)
-    start = L_ce_reference(s[..., 0], t[..., 0], temperature)
-    end = L_ce_reference(s[..., 1], t[..., 1], temperature)
+    start = L_ce(s[..., 0], t[..., 0], temperature)
+    end = L_ce(s[..., 1], t[..., 1], temperature)
     return (start + end) / 2
 
 

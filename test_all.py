@@ -99,7 +99,7 @@ from data import (Batches, Sequences, build_sequences, collate, corpus_texts, da
                   encode_batch, load_corpus, load_tokenizer, mask_batch, special_ids, token_probs)
 from hub import (NoCheckpointFolder, checkpoint_folder, fetch_url, load_safetensors,
                  save_safetensors, snapshot_download)
-from losses import L_ce, L_ce_reference, L_cos, L_kd_mse, L_kd_span, L_mlm, total_loss
+from losses import L_ce, L_ce_chunked, L_cos, L_kd_mse, L_kd_span, L_mlm, total_loss
 from model import BERT, BertConfig, configure_optimizers
 from tasks import distill, finetune, glue, imdb, report, squad
 from tasks.finetune import EvalConfig, TaskModel, run
@@ -1826,9 +1826,9 @@ class TestLosses:
     def test_L_ce_float32_under_bfloat16_inputs(self):
         s = torch.randn(5, 11).bfloat16()
         t = torch.randn(5, 11).bfloat16()
-        out = L_ce(s, t)
+        out = L_ce_chunked(s, t)
         assert out.dtype == torch.float32
-        assert out.item() == pytest.approx(L_ce(s.float(), t.float()).item())
+        assert out.item() == pytest.approx(L_ce_chunked(s.float(), t.float()).item())
 
     def test_L_ce_gradient_matches_autograd_through_kl_div(self):
         # 150 rows: more than two chunks, the last one partial; bfloat16 student logits as under
@@ -1837,12 +1837,12 @@ class TestLosses:
         t = 3 * torch.randn(150, 37)
         for dtype in (torch.float32, torch.bfloat16):
             x = s.detach().to(dtype).requires_grad_()
-            (2.5 * L_ce(x, t, temperature=2.0)).backward()
+            (2.5 * L_ce_chunked(x, t, temperature=2.0)).backward()
             y = s.detach().to(dtype).float().requires_grad_()
             ref = F.kl_div(F.log_softmax(y / 2, -1), F.softmax(t / 2, -1),
                            reduction="batchmean") * 4
             (2.5 * ref).backward()
-            assert L_ce(x, t).item() == pytest.approx(ref.item(), rel=1e-5)
+            assert L_ce_chunked(x, t).item() == pytest.approx(ref.item(), rel=1e-5)
             assert x.grad.dtype == dtype
             tolerance = 1e-6 if dtype == torch.float32 else 1e-4
             assert (x.grad.float() - y.grad).abs().max() < tolerance
@@ -1853,17 +1853,17 @@ class TestLosses:
         r = math.sqrt(3.0)
         p = (r / (r + 1), 1 / (r + 1))
         kl = p[0] * math.log(p[0] / 0.5) + p[1] * math.log(p[1] / 0.5)
-        assert L_ce_reference(s, t, 2.0).item() == pytest.approx(4 * kl, abs=1e-6)
-        assert L_ce_reference(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+        assert L_ce(s, t, 2.0).item() == pytest.approx(4 * kl, abs=1e-6)
+        assert L_ce(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-6)
 
     def test_fast_L_ce_equals_the_plain_formula_in_value_and_gradient(self):
         torch.manual_seed(0)
         s, t = 3 * torch.randn(150, 37), 3 * torch.randn(150, 37)  # 150 rows: 3 chunks of 64
         for T in (1.0, 2.0, 3.5):
             fast, plain = s.clone().requires_grad_(), s.clone().requires_grad_()
-            L_ce(fast, t, T).backward()
-            L_ce_reference(plain, t, T).backward()
-            assert L_ce(s, t, T).item() == pytest.approx(L_ce_reference(s, t, T).item(), rel=1e-5)
+            L_ce_chunked(fast, t, T).backward()
+            L_ce(plain, t, T).backward()
+            assert L_ce_chunked(s, t, T).item() == pytest.approx(L_ce(s, t, T).item(), rel=1e-5)
             assert (fast.grad - plain.grad).abs().max() < 1e-6
 
     def test_L_mlm_by_hand(self):
@@ -3838,7 +3838,7 @@ class TestReadyForGPU:
         for rows in (64, losses._SoftTargetKL.CUDA_ROWS):
             monkeypatch.setattr(losses._SoftTargetKL, "ROWS", rows)
             s.grad = None
-            value = L_ce(s, t)
+            value = L_ce_chunked(s, t)
             value.backward()
             values.append(value.item())
             grads.append(s.grad.clone())

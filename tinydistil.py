@@ -40,7 +40,7 @@ from harness import (ADAMW_BETAS, ADAMW_EPS, RUN_MARKER, Distributed, Preempted,
                      rank_0_first, read_checkpoint, restore_checkpoint, resume_command,
                      save_checkpoint, save_sentence_transformers_files, start_processes,
                      stop_processes, unwrap)
-from losses import L_ce, L_cos, L_hid, L_mlm, L_pool, total_loss
+from losses import L_ce_chunked, L_cos, L_hid, L_mlm, L_pool, total_loss
 from model import BERT, configure_optimizers
 from tasks.finetune import EvalConfig, run as eval_run
 from tasks.report import render, render_svg
@@ -349,7 +349,7 @@ def distillation_loss(teacher, student, batch: Batch, cfg, dtypes):
         s_states, s_hidden, s_logits = student(input_ids, attention_mask, token_rows, logit_rows)
     terms = {}
     if cfg.alpha_ce > 0:
-        terms["ce"] = L_ce(s_logits, t_logits, cfg.temperature)
+        terms["ce"] = L_ce_chunked(s_logits, t_logits, cfg.temperature)  # L_ce, fused gradient
         s_logits = s_logits[predicted]  # from here on, the predicted rows only
     if cfg.alpha_mlm > 0:
         terms["mlm"] = L_mlm(s_logits, batch.labels)

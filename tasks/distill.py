@@ -10,7 +10,7 @@ does it for SQuAD; here every task). The student's loss is
     (1 - alpha) * task loss + alpha * KD term        (alpha: --alpha-kd, T: --kd-temperature)
 
 with the KD term from losses.py: T^2 * KL(softmax(teacher / T) || softmax(student / T)) on the
-class logits (L_ce_reference), the same on SQuAD's start and end distributions (L_kd_span), and the
+class logits (L_ce), the same on SQuAD's start and end distributions (L_kd_span), and the
 squared distance to the teacher's score for STS-B's regression (L_kd_mse). The teacher is frozen
 and runs without dropout, so finetune.py computes its logits for the training set once and reuses
 them every epoch. Here: the checks that a teacher fits the task and the student, made on its
@@ -24,7 +24,7 @@ import torch
 import data
 from common import UserError
 from hub import checkpoint_folder
-from losses import L_ce_reference, L_kd_mse, L_kd_span
+from losses import L_ce, L_kd_mse, L_kd_span
 from tasks.heads import head_of, task_head
 
 
@@ -76,4 +76,4 @@ def kd_term(logits, teacher_logits, attention_mask, model, temperature):
         return L_kd_span(logits, teacher_logits, attention_mask, temperature)
     if model.labels is None:
         return L_kd_mse(logits[:, 0], teacher_logits[:, 0])
-    return L_ce_reference(logits, teacher_logits, temperature)
+    return L_ce(logits, teacher_logits, temperature)
