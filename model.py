@@ -341,9 +341,8 @@ def _without_encoder_prefix(key: str) -> str:
 
 def configure_optimizers(module: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
                          eps=1e-8) -> torch.optim.AdamW:
-    """AdamW for pretraining and fine-tuning alike: weight decay on matrices and embeddings
-    (dim >= 2), none on biases and LayerNorm; frozen parameters (requires_grad False) left out."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    """AdamW: weight decay on matrices and embeddings (dim >= 2), none on biases and LayerNorm."""
+    params = [p for p in module.parameters() if p.requires_grad]  # frozen ones are left out
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel over all tensors; torch's CPU default loops over them, several times slower

@@ -22,7 +22,7 @@ One class per source module, in the order of the README's layout:
     TestSquad     tasks/squad.py: windows, max-context decoding, the v1.1 scores
     TestHeads     tasks/heads.py: task heads in the reference layout
     TestFinetune  tasks/finetune.py and `tinydistil.py eval`: tiny end-to-end runs, seeds, errors
-    TestDistill   tasks/distill.py: distillation during fine-tuning, "DistilBERT (D)"
+    TestDistill   tasks/distil.py: distillation during fine-tuning, "DistilBERT (D)"
     TestReport    tasks/report.py: Tables 1 and 2. Paper section 4.1.
     TestBench     bench.py: the table and JSON, precision modes against float32, the speed-up
                   column, the distillation-step timing; speed itself is never asserted. Table 3.
@@ -101,7 +101,7 @@ from hub import (NoCheckpointFolder, checkpoint_folder, fetch_url, load_safetens
                  save_safetensors, snapshot_download)
 from losses import L_ce, L_ce_chunked, L_cos, L_kd_mse, L_kd_span, L_mlm, total_loss
 from model import BERT, BertConfig, configure_optimizers
-from tasks import distill, finetune, glue, imdb, report, squad
+from tasks import distil, finetune, glue, imdb, report, squad
 from tasks.finetune import EvalConfig, TaskModel, run
 from tasks.glue import glue_score, task_score
 from tasks.metrics import (accuracy, f1, matthews_corrcoef, normalize_answer, pearson, spearman,
@@ -2925,7 +2925,7 @@ class TestFinetune:
         assert capsys.readouterr().err.startswith("error: unknown task 'sst3'")
 
 
-# ----------------------------------------------------------------------------- tasks/distill.py
+# ----------------------------------------------------------------------------- tasks/distil.py
 
 @pytest.mark.usefixtures("tasks_offline")
 class TestDistill:
@@ -3005,9 +3005,9 @@ class TestDistill:
         assert not (tmp_path / "results.jsonl").exists()
         config["id2label"] = {"0": "LABEL_0", "1": "LABEL_1"}  # saved without label names
         (no_task / "config.json").write_text(json.dumps(config))
-        assert distill.check_teacher(str(no_task), "sst2", TINY_DISTILBERT) == no_task
+        assert distil.check_teacher(str(no_task), "sst2", TINY_DISTILBERT) == no_task
         with pytest.raises(UserError, match="mnli needs labels"):  # 2 unnamed labels, not 3
-            distill.check_teacher(str(no_task), "mnli", TINY_DISTILBERT)
+            distil.check_teacher(str(no_task), "mnli", TINY_DISTILBERT)
 
     def test_glue_needs_a_teacher_for_every_task_before_training(self, task_data, teachers,
                                                                   tmp_path):

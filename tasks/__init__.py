@@ -8,6 +8,6 @@ datasets or sklearn.
     heads.py    TaskModel: an encoder with the reference task heads, saved in their layout
     finetune.py fine-tuning, --seeds medians, one results line per task: tinydistil.py eval TASK
     zero_shot.py  zero-shot STS-B (no training) and sentence-transformers pooling: eval --zero-shot
-    distill.py  the teacher of distillation during fine-tuning, the paper's "(D)": eval --teacher
+    distil.py   the teacher of distillation during fine-tuning, the paper's "(D)": eval --teacher
     report.py   Tables 1 and 2 in markdown, ours beside the paper's: tinydistil.py report
 """

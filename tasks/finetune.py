@@ -16,7 +16,7 @@ regression, the mean of the start and end cross-entropies for SQuAD.
 The paper reports GLUE as the median of 5 runs: --seeds N runs seeds seed, seed+1, ... and records
 the median of each metric with every run. Only initialisation, batch order and dropout change with
 the seed: --max-train-examples and --max-eval-examples draw their subsets with a fixed seed, the
-same for every run. With --teacher, the loss adds a distillation term (tasks/distill.py).
+same for every run. With --teacher, the loss adds a distillation term (tasks/distil.py).
 
 Each task appends one results line: {"task", "model", "teacher", "metrics" (the median),
 "runs" [{"seed", "metrics", "train_seconds"}], "seconds", "config"}; with --out the run of --seed
@@ -45,7 +45,7 @@ from common import (DTYPES, FolderLock, UserError, append_line, check_output_fil
                     warmup_steps)
 from losses import total_loss
 from model import BERT, configure_optimizers
-from tasks import distill, glue, imdb, squad, zero_shot
+from tasks import distil, glue, imdb, squad, zero_shot
 from tasks.heads import TaskModel, task_head, tokenizer_for
 from tasks.metrics import accuracy
 
@@ -219,7 +219,7 @@ def train(model, items, tok, cfg, teacher_logits=None):
         loss = _task_loss(logits, y, model)
         if teacher_logits is not None:
             t_logits = torch.from_numpy(teacher_logits[batch][:, :logits.shape[1]])  # as logits
-            kd = distill.kd_term(logits, t_logits.to(device), x["attention_mask"], model,
+            kd = distil.kd_term(logits, t_logits.to(device), x["attention_mask"], model,
                                  cfg.kd_temperature)
             weights = {"task": 1 - cfg.alpha_kd, "kd": cfg.alpha_kd}
             loss = total_loss({"task": loss, "kd": kd}, weights)  # alpha 0: exactly the task loss
@@ -320,7 +320,7 @@ def _results_line(cfg, runs, teacher_info, start):
 def _run_task(cfg: EvalConfig) -> dict:
     start = time.time()
     if cfg.teacher:  # its config.json and tokenizer, before any data or weights are loaded
-        distill.check_teacher(cfg.teacher, cfg.task, cfg.model)
+        distil.check_teacher(cfg.teacher, cfg.task, cfg.model)
     train_items, evals = _load(cfg)  # before the models: a missing dataset need not wait for them
     encoder = BERT.from_pretrained(cfg.model).without_mlm_head()
     teacher = TaskModel.from_pretrained(cfg.teacher) if cfg.teacher else None
@@ -364,7 +364,7 @@ def _run_tasks(cfg: EvalConfig):
                            teacher=cfg.teacher and str(Path(cfg.teacher) / t)) for t in glue.TASKS}
     for t, task_cfg in per_task.items():  # everything present before the first task trains
         if task_cfg.teacher:
-            distill.check_teacher(task_cfg.teacher, t, cfg.model)
+            distil.check_teacher(task_cfg.teacher, t, cfg.model)
         for split in ("train",) + glue.TASKS[t].dev_splits:
             glue.path(t, split, cfg.data_dir)
     return {t: _run_task(task_cfg) for t, task_cfg in per_task.items()}

@@ -12,7 +12,7 @@ DistilBERT/student its [CLS] state through pre_classifier, ReLU, dropout 0.2 and
 (DistilBertForSequenceClassification); STS-B is a 1-output regression; SQuAD puts start/end logits
 on every token (qa_outputs). config.json records the labels (id2label) and the task
 (finetuning_task, a standard field of the reference configs), so a teacher for another task is
-told apart (tasks/distill.py).
+told apart (tasks/distil.py).
 """
 import json
 from dataclasses import replace

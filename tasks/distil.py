@@ -1,4 +1,4 @@
-"""tasks/distill.py: the teacher side of distillation during fine-tuning, the paper's "(D)".
+"""tasks/distil.py: the teacher side of distillation during fine-tuning, the paper's "(D)".
 
     python tinydistil.py eval sst2 --model out/student --out out/sst2-teacher   # or any task model
     python tinydistil.py eval sst2 --model out/student --teacher out/sst2-teacher --alpha-kd 0.5
