@@ -583,18 +583,23 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
               "mfu": step_mfu(teacher, student, dtypes, device, tokens, cfg.seq_len, seconds),
               "mfu_vs_bf16_peak": step_mfu(teacher, student, bf16, device, tokens, cfg.seq_len,
                                            seconds)}
-    if device.type == "cuda":
-        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        memory = f"peak memory {result['peak_gpu_mib']:.0f} MiB allocated on {device}"
-    else:
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        memory = f"peak memory {result['peak_rss_mib']:.0f} MiB resident"
+    memory = peak_memory(result, device)
     mfu = "unknown (no native bfloat16)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
     if result["mfu_vs_bf16_peak"] is not None and dtypes != bf16:
         mfu += f" ({100 * result['mfu_vs_bf16_peak']:.1f}% of the bfloat16 peak)"
     print(f"{result['tokens_per_s']:.0f} tokens/s | {result['ms_per_step']:.0f} ms/step | "
           f"MFU {mfu} | {memory}")
     return result
+
+
+def peak_memory(result: dict, device: torch.device) -> str:
+    """Adds the peak memory to result: the CUDA allocator's on a GPU, else the process's resident
+    set; returns the words for the log line."""
+    if device.type == "cuda":
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return f"peak memory {result['peak_gpu_mib']:.0f} MiB allocated on {device}"
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return f"peak memory {result['peak_rss_mib']:.0f} MiB resident"
 
 
 def step_mfu(teacher, student, dtypes, device, tokens, seq_len, seconds):

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import inspect
 import io
 import json
 import math
@@ -364,7 +365,6 @@ def looks_like_path(name: str) -> bool:
 
 def field_comments(cls) -> dict:
     """{field name: its trailing comment} for a config dataclass: the help text of its option."""
-    import inspect
     comments, pending = {}, None
     for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
         if tok.type == tokenize.NAME and pending is None and tok.line[:tok.start[1]].strip() == "":

@@ -44,6 +44,8 @@ SEED_STRIDE = 1_000_003
 
 @dataclass
 class Distributed:
+    """This run's processes: which one this is (rank 0 writes the files and the log), how many,
+    and its device."""
     rank: int
     world: int
     device: torch.device
@@ -82,12 +84,11 @@ def wait_for_everyone(dist: Distributed, timeout_minutes: float):
 
 
 def stop_processes(dist: Distributed):
+    """The end of a run: every rank leaves together, and the process groups are torn down."""
     if dist.world > 1:  # rank 0 may still be saving; tearing gloo down under it aborts the others
         torch.distributed.barrier(group=dist.host)
     if dist.host is not None:  # torchrun, one process or more
         torch.distributed.destroy_process_group()
-
-
 
 
 def rank_0_first(dist: Distributed, timeout_minutes: float, work):

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from common import UserError
+from svg import bar_panel, page
 from tasks import glue
 from tasks.finetune import DEFAULTS
 
@@ -236,7 +237,6 @@ def render(results_path, teacher=None):
 def render_svg(results_path, teacher=None):
     """Tables 1 and 2 as grouped bars (svg.py): the paper's rows in greys beside ours in colours,
     one bar per row and column of the markdown tables (retention rows left out: they are ratios)."""
-    from svg import bar_panel, page
     results = latest(results_path)
     if teacher is None:
         teacher = DEFAULT_TEACHER if DEFAULT_TEACHER in results else None
