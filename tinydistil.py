@@ -32,8 +32,8 @@ import torch.nn as nn
 
 from common import (DTYPES, UserError, add_dataclass_args, atomic_write, check_output_file,
                     has_bfloat16_matmul, lr_factor, os_error_line, use_tf32, warmup_steps)
-from data import (WIKITEXT, Batches, Sequences, collate, corpus_files, data_dir, load_corpus,
-                  load_tokenizer, mask_batch, special_ids, token_probs)
+from corpus import WIKITEXT, corpus_files, data_dir, load_corpus
+from data import Batches, Sequences, collate, load_tokenizer, mask_batch, mask_weights, special_ids
 from fit_head import FitHeadConfig, fit_head
 from harness import (ADAMW_BETAS, ADAMW_EPS, RUN_MARKER, Distributed, Preempted, StopSignal,
                      TrainLog, check_checkpoint_space, claim_out_dir, masking_stream, no_sync,
@@ -396,7 +396,7 @@ def load_data(cfg: PretrainConfig, teacher: BERT, dist: Distributed) -> Corpus:
     seqs = rank_0_first(dist, cfg.ddp_timeout, lambda: load_corpus(
         cfg.data, tok, data_dir(cfg.data_dir), data_fraction=cfg.data_fraction,
         seq_len=cfg.seq_len))
-    weights = token_probs(seqs, teacher.config.vocab_size, special.values(), cfg.mlm_smoothing)
+    weights = mask_weights(seqs, teacher.config.vocab_size, special.values(), cfg.mlm_smoothing)
     batches = Batches(seqs.lengths, cfg.batch_size, cfg.seed, dist.rank, dist.world)
     dist.say(f"data {cfg.data}: {seqs.stats['sequences']} sequences, {seqs.stats['tokens']} "
              f"tokens, {len(batches)} batches of {cfg.batch_size} per process and epoch")

@@ -12,7 +12,7 @@ copies of its lines shuffled together (about 20M tokens). For each it measures:
   - `tinydistil.py pretrain --max-steps 1` (the loop of paper section 3, one step) with an empty
     data dir (it prepares) and again (it finds the cache): peak RSS, seconds to the line that
     reports the data and to the first step; and the cached data side alone, in-process
-    (load_corpus, token_probs, Batches);
+    (load_corpus, mask_weights, Batches);
   - two gloo ranks (torchrun) on the large corpus, cached: how much of tokens.bin each rank holds
     resident (Rss) and is charged for (Pss, shared pages split between the processes that map
     them), and each rank's anonymous (private) memory, sampled at the same moment;
@@ -39,7 +39,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import data  # noqa: E402  (the repository's data.py, from any working directory)
+import corpus  # noqa: E402  (the repository's corpus.py and data.py, from any working directory)
+import data  # noqa: E402
 from common import build_parser  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def make_corpora(cfg, work):
         os.symlink(Path(cfg.wikitext).resolve() / f"wiki.{split}.tokens",
                    root / "wikitext-2" / f"wiki.{split}.tokens")
     splits = ("train", "valid", "test")
-    lines = [t for s in splits for t in data.corpus_texts("wikitext-2", root, s)]
+    lines = [t for s in splits for t in corpus.corpus_texts("wikitext-2", root, s)]
     small, large = work / "small.txt", work / "large.txt"
     small.write_text("\n".join(lines) + "\n")
     order = np.random.default_rng(0).permutation(len(lines) * cfg.copies) % len(lines)
@@ -92,8 +93,8 @@ def wikipedia_ratios(tok, squad_json):
 def bare_tokenizer_seconds(tok, path, whole):
     """Seconds and tokens of the tokenizer's encode_batch alone over the texts of path, in
     data.py's chunks (or in one call), the text read beforehand."""
-    texts = list(data.iter_texts(str(path), None))
-    batches = [texts] if whole else list(data._chunks(texts, data.CHUNK_CHARS))
+    texts = list(corpus.iter_texts(str(path), None))
+    batches = [texts] if whole else list(corpus._chunks(texts, corpus.CHUNK_CHARS))
     t0, tokens = time.perf_counter(), 0
     for batch in batches:
         tokens += sum(len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=False))
@@ -103,7 +104,7 @@ def bare_tokenizer_seconds(tok, path, whole):
 def preparation_seconds(tok, path, root):
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
-    seqs = data.load_corpus(str(path), tok, root, data_fraction=1.0, seq_len=128)
+    seqs = corpus.load_corpus(str(path), tok, root, data_fraction=1.0, seq_len=128)
     return time.perf_counter() - t0, seqs.stats
 
 
@@ -138,13 +139,13 @@ def batches_bytes(lengths):
 
 
 def measure_data_side(tok, corpora, work, vocab_size):
-    """Seconds of a cached load as pretrain does it: load_corpus (maps), token_probs, Batches."""
+    """Seconds of a cached load as pretrain does it: load_corpus (maps), mask_weights, Batches."""
     rows = {}
     for name, path in corpora.items():
         t0 = time.perf_counter()
-        seqs = data.load_corpus(str(path), tok, work / f"prep-{name}", data_fraction=1.0)
+        seqs = corpus.load_corpus(str(path), tok, work / f"prep-{name}", data_fraction=1.0)
         t1 = time.perf_counter()
-        data.token_probs(seqs, vocab_size, data.special_ids(tok).values())
+        data.mask_weights(seqs, vocab_size, data.special_ids(tok).values())
         t2 = time.perf_counter()
         data.Batches(seqs.lengths, 16).epoch_batches(0)
         t3 = time.perf_counter()
@@ -266,14 +267,14 @@ def median_sample(samples):
 
 def measure_pretrain(cfg, corpora, work):
     rows = {}
-    for name, corpus in corpora.items():
+    for name, corpus_path in corpora.items():
         for turn in ("prepares", "cached"):
             runs = []
             for _ in range(cfg.repeats):
                 data_dir = work / f"run-data-{name}"
                 if turn == "prepares":
                     shutil.rmtree(data_dir, ignore_errors=True)
-                runs.append(one_run(cfg, corpus, data_dir, work / "out"))
+                runs.append(one_run(cfg, corpus_path, data_dir, work / "out"))
             rows[f"{name}, {turn}"] = row = {"runs": runs, **{
                 k: min(r[k] for r in runs) for k in ("data_line_s", "first_step_s", "wall_s")}}
             row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)

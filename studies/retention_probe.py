@@ -45,15 +45,15 @@ def parse_args():
 def masked_batches(teacher, args, batch_size=16):
     """Validation chunks of at least --min-len tokens, masked as pretrain masks them:
     (input_ids, mask, labels) batches."""
-    from data import (collate, data_dir, load_corpus, load_tokenizer, mask_batch, special_ids,
-                      token_probs)
+    from corpus import data_dir, load_corpus
+    from data import collate, load_tokenizer, mask_batch, mask_weights, special_ids
     tok = load_tokenizer(teacher.source_dir)
     ids = special_ids(tok)
     seqs = load_corpus("wikitext-2", tok, data_dir(args.data_dir), data_fraction=1.0,
                        seq_len=args.seq_len, split="valid")
     min_len = args.seq_len - 1 if args.min_len is None else args.min_len
     full = [i for i in range(len(seqs)) if seqs.lengths[i] >= min_len][:args.n_seqs]
-    probs = token_probs(seqs, teacher.config.vocab_size, ids.values())
+    probs = mask_weights(seqs, teacher.config.vocab_size, ids.values())
     gen = torch.Generator().manual_seed(0)
     batches = []
     for i in range(0, len(full), batch_size):

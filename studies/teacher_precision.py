@@ -66,8 +66,8 @@ def masked_batches(teacher, cfg):
     """Batches (input_ids, attention_mask) of full-length validation sequences, masked as pretrain
     masks them (15% of tokens, 80/10/10, count ** -0.7 weights), so the teacher sees what it sees
     during distillation."""
-    from data import (collate, data_dir, load_corpus, load_tokenizer, mask_batch, special_ids,
-                      token_probs)
+    from corpus import data_dir, load_corpus
+    from data import collate, load_tokenizer, mask_batch, mask_weights, special_ids
     tok = load_tokenizer(teacher.source_dir)
     ids = special_ids(tok)
     seqs = load_corpus("wikitext-2", tok, data_dir(cfg.data_dir), data_fraction=1.0,
@@ -77,7 +77,7 @@ def masked_batches(teacher, cfg):
     if len(full) < cfg.n_seqs:
         raise UserError(f"only {len(full)} validation sequences of {cfg.seq_len} tokens: "
                         f"lower --n-seqs")
-    probs = token_probs(seqs, teacher.config.vocab_size, ids.values())
+    probs = mask_weights(seqs, teacher.config.vocab_size, ids.values())
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = []
     for i in range(0, len(full), cfg.batch_size):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import corpus
 import data
 from common import (DTYPES, FolderLock, UserError, append_line, check_output_file,
                     has_bfloat16_matmul, looks_like_path, lr_factor, pick_device, use_tf32,
@@ -123,7 +124,7 @@ def check_config(cfg: EvalConfig):
                         f"bfloat16 (got {cfg.dtype!r}, {cfg.teacher_dtype!r})")
     pick_device(cfg.device)
     check_output_file(cfg.results, "--results")
-    data.data_dir(cfg.data_dir)  # a --data-dir or $TINYDISTIL_DATA that is a file
+    corpus.data_dir(cfg.data_dir)  # a --data-dir or $TINYDISTIL_DATA that is a file
     if cfg.model == DEFAULT_STUDENT and not Path(cfg.model).is_dir():
         raise UserError(f"no student at {cfg.model}: run `python tinydistil.py pretrain` first, "
                         f"or pass --model (a checkpoint folder or Hub id)")
