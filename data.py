@@ -1,511 +1,92 @@
-"""Pretraining data for distillation: corpus, tokenizer, length-grouped batches and MLM masking.
+"""data.py: what the student and teacher see at each step, paper section 3 "Distillation":
+dynamic masking, batches grouped by length, one coherent text per sequence and no next-sentence
+prediction.
 
-Implements the data side of DistilBERT (Sanh et al. 2019), section 3 "Distillation" and "Data and
-compute power": one coherent text per sequence, dynamic masking, batches grouped by length. It
-follows the reference code (transformers examples/research_projects/distillation):
-scripts/binarized_data.py and lm_seqs_dataset.py build the sequences, token_counts.py and train.py
-the `mlm_smoothing` token probabilities, grouped_batch_sampler.py the batches and distiller.py
-`prepare_batch_mlm` the masking.
+The paper follows the best practices of Liu et al. 2019 (RoBERTa): the masks are drawn afresh
+for every batch (mask_batch, below), and each sequence is one text rather than a pair of
+segments, so there is no next-sentence objective. The reference code adds batches of sequences
+of similar length, so that little of them is padding (Batches). This follows that code
+(transformers examples/research_projects/distillation): distiller.py `prepare_batch_mlm` the
+masking, token_counts.py and train.py the `mlm_smoothing` weights (mask_weights),
+grouped_batch_sampler.py the batches, lm_seqs_dataset.py and scripts/binarized_data.py the
+sequences (build_sequences). The corpus on disk (WikiText, text and .jsonl files, the
+memory-mapped token cache) is corpus.py's.
 
-Used by `python tinydistil.py pretrain`; the tests are `python -m pytest -q test_all.py`.
+Used by `python tinydistil.py pretrain` and `fit-head`; the tests are
+`python -m pytest -q test_all.py -k TestData`.
 
     tok = load_tokenizer(teacher_folder)
-    seqs = load_corpus("wikitext-2-raw", tok, data_dir(None), data_fraction=0.1, seq_len=128)
-    probs = token_probs(seqs, vocab_size, special_ids(tok).values())
+    seqs = corpus.load_corpus("wikitext-2-raw", tok, corpus.data_dir(None), data_fraction=0.1)
+    weights = mask_weights(seqs, vocab_size, special_ids(tok).values())
     batches = Batches(seqs.lengths, batch_size=16, seed=0, rank=0, world_size=1)
     for epoch, i, idx in batches.stream():
         input_ids, attention_mask = collate(seqs, idx, pad_id)
-        input_ids, labels = mask_batch(input_ids, attention_mask, probs, mask_id, V, generator)
-
-Corpora of any size. `--data` is a WikiText name (downloaded), a text file (one text per line), a
-.jsonl file (one text per record, its "text" field: the usual export of a Wikipedia or book dump)
-or a folder of .txt/.jsonl files. The first load streams the text through the tokenizer's batch
-call, a chunk at a time, into a prepared folder under <data dir>/cache/:
-
-    tokens.bin    the kept sequences back to back: uint16, or uint32 past 65,536 vocabulary ids
-    offsets.bin   int64, sequence i is tokens[offsets[i]:offsets[i + 1]]
-    meta.json     the cache key, dtype, token and sequence counts, the build statistics
-
-The folder is built under a temporary name and renamed when complete, so a kill at any moment
-leaves nothing that looks finished; a folder whose files lack the sizes meta.json records is
-rebuilt. Later loads (and the other DDP ranks) only map the files read-only with np.memmap: memory
-does not grow with the corpus, and N processes on one machine share one copy in the page cache.
+        input_ids, labels = mask_batch(input_ids, attention_mask, weights, mask_id, V, generator)
 """
-import functools
-import hashlib
-import itertools
 import json
 import math
-import os
-import secrets
-import shutil
-import sys
-import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import BertWordPieceTokenizer, Tokenizer
-from tqdm import tqdm
 
-from common import UserError, atomic_write, check_folder, folder_from_env
-from hub import fetch_url
+from common import UserError
 
-WIKITEXT_URL = "https://wikitext.smerity.com/"  # the original S3 bucket is gone; same archives
-# the WikiText host refuses Python's default User-Agent
-BROWSER_HEADERS = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 "
-                                 "(KHTML, like Gecko) Chrome/120.0 Safari/537.36"}
-# --data name -> (archive, folder inside the archive and under data_dir, file name pattern)
-WIKITEXT = {
-    "wikitext-2-raw": ("wikitext-2-raw-v1.zip", "wikitext-2-raw", "wiki.{split}.raw"),
-    "wikitext-2": ("wikitext-2-v1.zip", "wikitext-2", "wiki.{split}.tokens"),
-    "wikitext-103-raw": ("wikitext-103-raw-v1.zip", "wikitext-103-raw", "wiki.{split}.raw"),
-    "wikitext-103": ("wikitext-103-v1.zip", "wikitext-103", "wiki.{split}.tokens"),
-}
-WIKITEXT_JOINERS = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 MIN_LEN = 12  # the reference drops sequences of 11 tokens or fewer
-CACHE_VERSION = 2  # bump when the way sequences are built or stored changes
-CHUNK_CHARS = 1 << 20  # text per tokenizer call: ~250K tokens keep its threads busy, bound memory
-COUNT_CHUNK = 1 << 20  # tokens per np.bincount call in token_probs (it makes an int64 copy)
-STATS = ("texts", "chunks", "dropped_short", "dropped_unk", "sequences", "tokens")
+COUNT_CHUNK = 1 << 20  # tokens per np.bincount call in mask_weights (it makes an int64 copy)
 
 
-def data_dir(arg=None):
-    """--data-dir, else $TINYDISTIL_DATA, else ~/.cache/tinydistil."""
-    if arg:
-        return check_folder(arg, "--data-dir")
-    return folder_from_env("TINYDISTIL_DATA") or Path.home() / ".cache" / "tinydistil"
+# ----------------------------------------------------------------------------- masking
 
+def mask_batch(input_ids, attention_mask, weights, mask_id, vocab_size, generator,
+               mlm_mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1):
+    """Dynamic MLM masking as the reference distiller.prepare_batch_mlm (new masks every call).
 
-# ----------------------------------------------------------------------------- tokenizer
-
-def load_tokenizer(folder):
-    """The teacher's WordPiece tokenizer, from folder/tokenizer.json or else folder/vocab.txt.
-
-    Padding and truncation are switched off (published tokenizer.json files pad everything to 128);
-    callers turn them on per use, e.g. through encode_batch.
+    ceil(mlm_mask_prop * non-padding tokens in the batch) positions are drawn without replacement
+    over the whole flattened batch, weighted by the mask_weights of their ids (0 for special tokens
+    and padding); each is then replaced by [MASK] (word_mask), kept (word_keep) or a token drawn
+    uniformly from the whole vocabulary (word_rand). generator lives on input_ids' device and makes
+    it reproducible. Returns (masked input_ids, labels): labels hold the original id at predicted
+    positions, else -100.
     """
-    folder = Path(folder)
-    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.txt").is_file():
-        raise UserError(f"no tokenizer.json or vocab.txt in {folder}: "
-                        "point to a BERT checkpoint folder")
-    try:
-        if (folder / "tokenizer.json").is_file():
-            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        else:
-            lowercase = True
-            if (folder / "tokenizer_config.json").is_file():
-                config = json.loads((folder / "tokenizer_config.json").read_text())
-                lowercase = config.get("do_lower_case", True)
-            tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lowercase)._tokenizer
-    except Exception as e:  # the tokenizers library raises plain Exception on a malformed file
-        raise UserError(f"cannot read the tokenizer in {folder} ({e}): "
-                        "delete it and download it again") from e
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
+    B, T = input_ids.shape
+    # which positions are predicted: drawn over the whole batch, not per sequence, as the
+    # reference; rare tokens more often than their share of the text (mask_weights)
+    position_weights = weights.to(input_ids.device)[input_ids.flatten()]  # (B*T,)
+    position_weights = position_weights * attention_mask.flatten()
+    n_tgt = min(math.ceil(mlm_mask_prop * attention_mask.sum().item()),
+                int((position_weights > 0).sum()))
+    pred_mask = torch.zeros(B * T, dtype=torch.bool, device=input_ids.device)
+    if n_tgt > 0:
+        picked = torch.multinomial(position_weights / position_weights.sum(), n_tgt,
+                                   replacement=False, generator=generator)
+        pred_mask[picked] = True
+    pred_mask = pred_mask.view(B, T)
+
+    # what the student sees there: mostly [MASK], sometimes the token itself or a random one, so
+    # that what it learns holds for text without [MASK] too, as at fine-tuning (BERT's 80/10/10)
+    original = input_ids[pred_mask]  # (N,) the ids the student is asked to predict
+    rand = torch.randint(vocab_size, original.shape, generator=generator, device=original.device)
+    pred_probs = torch.tensor([word_mask, word_keep, word_rand], device=original.device)
+    kind = original  # 0 mask, 1 keep, 2 random; drawn only when there is something to draw for
+    if len(original):
+        kind = torch.multinomial(pred_probs, len(original), replacement=True, generator=generator)
+    new = torch.where(kind == 0, torch.full_like(original, mask_id),
+                      torch.where(kind == 1, original, rand))
+    masked = input_ids.masked_scatter(pred_mask, new)
+    labels = input_ids.masked_fill(~pred_mask, -100)
+    return masked, labels
 
 
-def special_ids(tok):
-    """{"pad", "unk", "cls", "sep", "mask"} -> id in this tokenizer's vocabulary."""
-    ids = {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
-    missing = [SPECIAL_TOKENS[n] for n, i in ids.items() if i is None]
-    if missing:
-        raise UserError(f"the tokenizer has no {', '.join(missing)} token: "
-                        "use a BERT WordPiece tokenizer")
-    return ids
-
-
-def encode_batch(tok, texts, pairs=None, max_len=128):
-    """Tokenize texts (or text pairs) with [CLS]/[SEP] and token types, padded to the longest in
-    the batch and truncated longest_first to max_len. Returns int64 tensors input_ids,
-    attention_mask, token_type_ids, each (B, T). Leaves the tokenizer padding and truncating so."""
-    tok.enable_truncation(max_len, strategy="longest_first")
-    tok.enable_padding(pad_id=special_ids(tok)["pad"], pad_token=SPECIAL_TOKENS["pad"])
-    encs = tok.encode_batch(list(texts) if pairs is None else list(zip(texts, pairs)))
-    return {
-        "input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long),
-        "attention_mask": torch.tensor([e.attention_mask for e in encs], dtype=torch.long),
-        "token_type_ids": torch.tensor([e.type_ids for e in encs], dtype=torch.long),
-    }
-
-
-# ----------------------------------------------------------------------------- corpus text
-
-def wikitext_file(name, split, root):
-    """Path of a WikiText split under root, downloading and extracting the archive if needed."""
-    archive, folder, pattern = WIKITEXT[name]
-    path = root / folder / pattern.format(split=split)
-    if path.is_file():
-        return path
-    try:
-        zpath = fetch_url(WIKITEXT_URL + archive, root / archive, headers=BROWSER_HEADERS,
-                          desc=archive)
-    except UserError as e:  # offline or unreachable: the other version may already be here
-        raise UserError(f"{e}{_other_wikitext_hint(name, split, root)}") from None
-    try:
-        with zipfile.ZipFile(zpath) as z:
-            for s in ("train", "valid", "test"):
-                member = f"{folder}/{pattern.format(split=s)}"
-                with z.open(member) as src:  # streamed: WikiText-103's train split is 540 MB
-                    atomic_write(root / member, functools.partial(shutil.copyfileobj, src))
-    except (zipfile.BadZipFile, KeyError, EOFError) as e:
-        zpath.unlink(missing_ok=True)
-        raise UserError(f"{zpath} is not a valid {archive} ({e}); it was removed, "
-                        "run again to download it")
-    except OSError as e:
-        raise UserError(f"cannot extract {zpath} into {root / folder} ({e}): "
-                        "free some disk space or choose another --data-dir") from None
-    return path
-
-
-def _other_wikitext_hint(name, split, root):
-    """'; use --data X' when the other version of this WikiText (raw or tokenised) is on disk."""
-    other = name.removesuffix("-raw") if name.endswith("-raw") else f"{name}-raw"
-    _, folder, pattern = WIKITEXT[other]
-    if not (root / folder / pattern.format(split=split)).is_file():
-        return ""
-    kind = "raw" if other.endswith("-raw") else "tokenised"
-    return f"; {other} (the {kind} version) is already in {root}: use --data {other}"
-
-
-def corpus_files(data, root, split="train"):
-    """The files behind --data: a WikiText split, a text or .jsonl file, or every .txt and .jsonl
-    file under a folder (recursive, sorted by path)."""
-    if data in WIKITEXT:
-        return [wikitext_file(data, split, Path(root))]
-    path = Path(data).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.suffix in (".txt", ".jsonl") and p.is_file())
-        if not files:
-            raise UserError(f"no .txt files (nor .jsonl) in {path}: "
-                            "give a text file or a folder of them")
-        return files
-    if path.is_file():
-        return [path]
-    raise UserError(f"--data {data}: not {' or '.join(WIKITEXT)}, "
-                    "nor an existing text file or folder")
-
-
-def _decoded_lines(path):
-    """(line number, line) of a UTF-8 file, read in binary one line at a time, so memory stays one
-    line and a bad byte is reported by line and byte offset."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise UserError(f"cannot read the corpus file {path} ({e}): "
-                        "give a readable UTF-8 text file")
-    with f:
-        offset = 0
-        for number, raw in enumerate(f, 1):
-            try:
-                yield number, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"cannot read the corpus file {path}: not UTF-8 at line "
-                                f"{number} (byte offset {offset + e.start}: {e.reason}): "
-                                "convert it to UTF-8") from None
-            offset += len(raw)
-
-
-def _clean_wikitext(line):
-    """A WikiText paragraph with its ` @-@ ` style joiners undone and the `<unk>` of the tokenised
-    version as the tokenizer's [UNK]; None for a ` = Heading = ` line (a title, not coherent
-    text)."""
-    if line.startswith("= ") and line.endswith(" ="):
-        return None
-    line = f" {line} "
-    for joiner, char in WIKITEXT_JOINERS.items():
-        line = line.replace(joiner, char)
-    return line.replace("<unk>", SPECIAL_TOKENS["unk"]).strip()
-
-
-def _jsonl_texts(path):
-    """The "text" field of each record of a .jsonl file, one text per record."""
-    for number, line in _decoded_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not a JSON object ({e.msg}): "
-                            "give one per line") from None
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise UserError(f'{path}:{number}: no "text" string in this record: give every line '
-                            'a "text" field')
-        if text.strip():
-            yield text.strip()
-
-
-def _file_texts(path, wikitext):
-    """The texts of one corpus file: one per non-blank line (WikiText cleaned) or .jsonl record."""
-    if path.suffix == ".jsonl":
-        yield from _jsonl_texts(path)
-        return
-    for _, raw in _decoded_lines(path):
-        for line in raw.splitlines():  # the same line breaks as str.splitlines on the whole file
-            line = line.strip()
-            if line and wikitext:
-                line = _clean_wikitext(line)
-            if line:
-                yield line
-
-
-def iter_texts(data, root, split="train", files=None):
-    """The corpus texts of --data, one at a time: WikiText paragraphs without headings, a user's
-    lines (or .jsonl records) as they are, stripped."""
-    files = files or corpus_files(data, root, split)
-    for path in files:
-        yield from _file_texts(path, data in WIKITEXT)
-
-
-def corpus_texts(data, root, split="train"):
-    """Every text of --data as a list (iter_texts streams them)."""
-    return list(iter_texts(data, root, split))
-
-
-# ----------------------------------------------------------------------------- sequences
-
-class Sequences:
-    """Token id sequences stored flat: sequence i is ids[offsets[i]:offsets[i+1]]. ids and offsets
-    are arrays, or read-only np.memmap views of a prepared corpus folder."""
-
-    def __init__(self, ids, offsets, stats=None):
-        self.ids, self.offsets, self.stats = ids, offsets, stats or {}
-        self.lengths = np.diff(offsets)
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def __getitem__(self, i):
-        return self.ids[self.offsets[i]:self.offsets[i + 1]]
-
-
-def build_sequences(token_lists, ids, seq_len):
-    """`[CLS] text [SEP]` per text, then the reference LmSeqsDataset filters: texts longer than
-    seq_len split into chunks of seq_len - 2 with [CLS]/[SEP] re-added, sequences of 11 tokens or
-    fewer dropped, sequences with half or more [UNK] dropped. Returns (list of arrays, stats)."""
-    cls, sep, unk = ids["cls"], ids["sep"], ids["unk"]
-    chunks = []
-    for toks in token_lists:
-        seq = [cls, *toks, sep]
-        if len(seq) <= seq_len:
-            chunks.append(seq)
-            continue
-        for i in range(0, len(seq), seq_len - 2):
-            sub = seq[i:i + seq_len - 2]
-            head = [] if sub[0] == cls else [cls]
-            tail = [] if sub[-1] == sep else [sep]
-            chunks.append(head + sub + tail)
-    long_enough = [c for c in chunks if len(c) >= MIN_LEN]
-    kept = [c for c in long_enough if c.count(unk) / len(c) < 0.5]
-    stats = {"texts": len(token_lists), "chunks": len(chunks),
-             "dropped_short": len(chunks) - len(long_enough),
-             "dropped_unk": len(long_enough) - len(kept), "sequences": len(kept),
-             "tokens": sum(len(c) for c in kept)}
-    return kept, stats
-
-
-def token_dtype(vocab_size):
-    """The smallest unsigned dtype holding every id of the vocabulary: uint16 for the BERT
-    vocabularies (ids up to 65,535), else uint32. Never one that would wrap."""
-    for dtype in (np.uint16, np.uint32):
-        if vocab_size - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise UserError(f"a vocabulary of {vocab_size} ids does not fit 32-bit token ids")
-
-
-def load_corpus(data, tok, root, *, data_fraction=0.1, seq_len=128, split="train"):
-    """Sequences of --data tokenised by the teacher's tokenizer, prepared once under root/cache.
-
-    data_fraction keeps the first fraction of the texts. The prepared folder is keyed by the corpus
-    files (path, size, mtime), the WikiText cleaning, the fraction, seq_len, the tokenizer and the
-    format version, so a change to any of them prepares again; a finished folder is only mapped
-    (what the other DDP ranks do after rank 0 prepared it). Switches the tokenizer's padding and
-    truncation off, as load_tokenizer leaves it."""
-    if not 0 < data_fraction <= 1:
-        raise UserError(f"--data-fraction {data_fraction}: give a number in (0, 1]")
-    if seq_len < MIN_LEN:
-        raise UserError(f"--seq-len {seq_len}: sequences of fewer than {MIN_LEN} tokens are "
-                        "dropped, use more")
-    root = Path(root)
-    special_ids(tok)  # a tokenizer without BERT's special tokens is refused before any work
-    files = corpus_files(data, root, split)
-    tok.no_padding()
-    tok.no_truncation()
-    stat = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = json.dumps([CACHE_VERSION, stat, data in WIKITEXT, data_fraction, seq_len,
-                      hashlib.sha256(tok.to_str().encode()).hexdigest()])
-    name = data if data in WIKITEXT else Path(data).name
-    folder = root / "cache" / f"{name}-{split}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    seqs = open_prepared(folder, key)
-    if seqs is None:
-        prepare_corpus(data, tok, files, folder, key, data_fraction=data_fraction, seq_len=seq_len)
-        seqs = open_prepared(folder, key)
-    if seqs is None:
-        raise UserError(f"the corpus prepared in {folder} cannot be read back: check the disk")
-    return seqs
-
-
-def open_prepared(folder, key):
-    """The Sequences of a finished prepared folder, mapped read-only; None when there is none, it
-    was made with other settings, or a file does not have the size meta.json records."""
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-        dtype = np.dtype(meta["dtype"])
-        expected = {"tokens.bin": meta["tokens"] * dtype.itemsize,
-                    "offsets.bin": (meta["sequences"] + 1) * 8}
-        sizes = {name: (folder / name).stat().st_size for name in expected}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"{folder}: unreadable ({e}), preparing it again", file=sys.stderr)
-        return None
-    if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
-        return None
-    if sizes != expected or meta["tokens"] == 0:
-        print(f"{folder}: file sizes {sizes} are not the recorded {expected}, preparing it again",
-              file=sys.stderr)
-        return None
-    ids = np.memmap(folder / "tokens.bin", dtype=dtype, mode="r")
-    offsets = np.memmap(folder / "offsets.bin", dtype=np.int64, mode="r")
-    if offsets[0] != 0 or offsets[-1] != len(ids):
-        return None
-    return Sequences(ids, offsets, meta["stats"])
-
-
-# ----------------------------------------------------------------------------- preparation
-
-def prepare_corpus(data, tok, files, folder, key, *, data_fraction, seq_len):
-    """Tokenise --data into the prepared folder, streaming: one pass counts (and so checks) every
-    text before anything is written, the second tokenises a chunk at a time. The files are written
-    into folder.<pid>.<random>.tmp and the whole folder renamed into place when complete."""
-    name = data if data in WIKITEXT else Path(data).name
-    texts = functools.partial(iter_texts, data, None, files=files)
-    n_texts = sum(1 for _ in tqdm(texts(), desc=f"reading {name}", unit=" texts", mininterval=1))
-    if n_texts == 0:
-        where = f"--data {data} ({len(files)} files)"
-        if len(files) == 1:
-            where = f"the corpus file {files[0]}"
-        raise UserError(f"{where} holds no text (empty or blank): give UTF-8 text")
-    n_keep = math.ceil(n_texts * data_fraction)
-    _sweep(folder)
-    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.mkdir(parents=True)
-        kept = itertools.islice(texts(), n_keep)
-        stats = _write_sequences(tok, kept, n_keep, tmp, seq_len, name)
-        if stats["sequences"] == 0:
-            raise UserError(f"--data {data}: no sequence of {MIN_LEN}+ tokens left after "
-                            "filtering; give more text or a larger --data-fraction")
-        dtype = token_dtype(tok.get_vocab_size())
-        meta = {"version": CACHE_VERSION, "key": key, "dtype": dtype.name,
-                "tokens": stats["tokens"], "sequences": stats["sequences"], "stats": stats}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _publish(tmp, folder)
-    except OSError as e:  # a full disk or a read-only data dir
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write the prepared corpus in {folder.parent} ({e}): it needs "
-                        "about 2 bytes per token; free space or choose another --data-dir"
-                        ) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_sequences(tok, texts, n_texts, tmp, seq_len, name):
-    """Stream texts through the tokenizer into tmp/tokens.bin and tmp/offsets.bin; the stats."""
-    ids, dtype = special_ids(tok), token_dtype(tok.get_vocab_size())
-    stats = dict.fromkeys(STATS, 0)
-    t0 = time.perf_counter()
-    bar = tqdm(total=n_texts, desc=f"preparing {name}", unit=" texts", mininterval=1)
-    with open(tmp / "tokens.bin", "wb") as tokens_file, \
-            open(tmp / "offsets.bin", "wb") as offsets_file, bar:
-        offsets_file.write(np.zeros(1, np.int64))
-        for chunk in _chunks(texts, CHUNK_CHARS):
-            flat, lengths, chunk_stats = _encode_chunk(tok, chunk, ids, seq_len, dtype)
-            tokens_file.write(flat)
-            offsets_file.write(stats["tokens"] + np.cumsum(lengths))  # (n,) int64 sequence ends
-            for k in STATS:
-                stats[k] += chunk_stats[k]
-            bar.update(len(chunk))
-            rate = stats["tokens"] / (time.perf_counter() - t0)
-            bar.set_postfix_str(f"{stats['tokens'] / 1e6:.1f}M tokens, {rate / 1e3:.0f}K tokens/s",
-                                refresh=False)
-    return stats
-
-
-def _chunks(texts, max_chars):
-    """Lists of consecutive texts, each about max_chars characters in all."""
-    chunk, size = [], 0
-    for text in texts:
-        chunk.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def _encode_chunk(tok, texts, ids, seq_len, dtype):
-    """One chunk of texts through the tokenizer's (multi-threaded) batch call and build_sequences:
-    (flat token array of dtype, int64 sequence lengths, stats)."""
-    token_lists = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-    seqs, stats = build_sequences(token_lists, ids, seq_len)
-    flat = np.fromiter(itertools.chain.from_iterable(seqs), np.int64, count=stats["tokens"])
-    if flat.size and flat.max() > np.iinfo(dtype).max:  # token_dtype rules it out; never wrap
-        raise UserError(f"token id {flat.max()} does not fit {dtype.name}: the tokenizer and its "
-                        "vocabulary size disagree")
-    lengths = np.fromiter(map(len, seqs), np.int64, count=len(seqs))
-    return flat.astype(dtype), lengths, stats
-
-
-def _publish(tmp, folder):
-    """Rename the finished tmp folder to folder: a reader sees all of it or nothing. A damaged
-    folder of the same key is moved aside first; one another process just published is kept."""
-    if folder.exists():
-        trash = folder.with_name(f"{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
-        os.rename(folder, trash)  # mapped files stay valid for a process still reading them
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process published the same key in between: same content, keep it
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _sweep(folder):
-    """Remove what killed preparations of this folder left: .tmp folders of processes that are
-    gone (the name holds the pid), and .old folders a rebuild was deleting."""
-    if not folder.parent.is_dir():
-        return
-    for path in folder.parent.iterdir():
-        parts = path.name[len(folder.name) + 1:].split(".")
-        if not path.name.startswith(f"{folder.name}.") or len(parts) != 3 \
-                or parts[2] not in ("tmp", "old") or not parts[0].isdigit():
-            continue
-        if parts[2] == "tmp" and _alive(int(parts[0])):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of another user
-        return True
-    return True
-
-
-def token_probs(seqs, vocab_size, special, smoothing=0.7):
-    """Probability weight of each vocabulary id to be masked, as the reference's `mlm_smoothing`:
-    max(count, 1) ** -smoothing from the corpus token counts, 0 for special tokens. (V,) float32.
-    The counts are taken a chunk at a time, so a mapped corpus is never copied whole."""
+def mask_weights(seqs, vocab_size, special, smoothing=0.7):
+    """The weight of each vocabulary id to be picked for masking, as the reference's
+    `mlm_smoothing`: max(count, 1) ** -smoothing from the corpus token counts, 0 for special
+    tokens. (V,) float32, not normalised: mask_batch normalises over the positions of a batch.
+    smoothing 0 is BERT's uniform choice; the reference's 0.7 picks rare tokens more often than
+    their share of the text. The counts are taken a chunk at a time, so a mapped corpus is never
+    copied whole."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(seqs.ids), COUNT_CHUNK):
         chunk_counts = np.bincount(seqs.ids[start:start + COUNT_CHUNK], minlength=vocab_size)
@@ -514,9 +95,9 @@ def token_probs(seqs, vocab_size, special, smoothing=0.7):
                             f"vocabulary has {vocab_size}: the teacher and its tokenizer do not "
                             "match")
         counts += chunk_counts
-    probs = np.maximum(counts, 1).astype(np.float64) ** -smoothing
-    probs[list(special)] = 0.0
-    return torch.from_numpy(probs).float()
+    weights = np.maximum(counts, 1).astype(np.float64) ** -smoothing
+    weights[list(special)] = 0.0
+    return torch.from_numpy(weights).float()
 
 
 # ----------------------------------------------------------------------------- batches
@@ -578,38 +159,96 @@ def collate(seqs, idx, pad_id):
     return input_ids, attention_mask
 
 
-# ----------------------------------------------------------------------------- masking
+# ----------------------------------------------------------------------------- sequences
 
-def mask_batch(input_ids, attention_mask, token_probs, mask_id, vocab_size, generator,
-               mlm_mask_prop=0.15, word_mask=0.8, word_keep=0.1, word_rand=0.1):
-    """Dynamic MLM masking as the reference distiller.prepare_batch_mlm (new masks every call).
+class Sequences:
+    """Token id sequences stored flat: sequence i is ids[offsets[i]:offsets[i+1]]. ids and offsets
+    are arrays, or read-only np.memmap views of a prepared corpus folder."""
 
-    ceil(mlm_mask_prop * real tokens in the batch) positions are drawn without replacement over
-    the whole flattened batch, weighted by token_probs of their ids (0 for special tokens and
-    padding); each is then replaced by [MASK] (word_mask), kept (word_keep) or a token drawn
-    uniformly from the whole vocabulary (word_rand). generator lives on input_ids' device and makes
-    it reproducible. Returns (masked input_ids, labels): labels hold the original id at predicted
-    positions, else -100.
+    def __init__(self, ids, offsets, stats=None):
+        self.ids, self.offsets, self.stats = ids, offsets, stats or {}
+        self.lengths = np.diff(offsets)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        return self.ids[self.offsets[i]:self.offsets[i + 1]]
+
+
+def build_sequences(token_lists, special, seq_len):
+    """`[CLS] text [SEP]` per text, then the reference LmSeqsDataset filters: texts longer than
+    seq_len split into chunks of seq_len - 2 with [CLS]/[SEP] re-added, sequences of 11 tokens or
+    fewer dropped, sequences with half or more [UNK] dropped. Returns (list of arrays, stats)."""
+    cls, sep, unk = special["cls"], special["sep"], special["unk"]
+    chunks = []
+    for toks in token_lists:
+        seq = [cls, *toks, sep]
+        if len(seq) <= seq_len:
+            chunks.append(seq)
+            continue
+        for i in range(0, len(seq), seq_len - 2):
+            sub = seq[i:i + seq_len - 2]
+            head = [] if sub[0] == cls else [cls]
+            tail = [] if sub[-1] == sep else [sep]
+            chunks.append(head + sub + tail)
+    long_enough = [c for c in chunks if len(c) >= MIN_LEN]
+    kept = [c for c in long_enough if c.count(unk) / len(c) < 0.5]
+    stats = {"texts": len(token_lists), "chunks": len(chunks),
+             "dropped_short": len(chunks) - len(long_enough),
+             "dropped_unk": len(long_enough) - len(kept), "sequences": len(kept),
+             "tokens": sum(len(c) for c in kept)}
+    return kept, stats
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer(folder):
+    """The teacher's WordPiece tokenizer, from folder/tokenizer.json or else folder/vocab.txt.
+
+    Padding and truncation are switched off (published tokenizer.json files pad everything to 128);
+    callers turn them on per use, e.g. through encode_batch.
     """
-    B, T = input_ids.shape
-    weights = token_probs.to(input_ids.device)[input_ids.flatten()]  # (B*T,)
-    weights = weights * attention_mask.flatten()
-    n_tgt = min(math.ceil(mlm_mask_prop * attention_mask.sum().item()), int((weights > 0).sum()))
-    pred_mask = torch.zeros(B * T, dtype=torch.bool, device=input_ids.device)
-    if n_tgt > 0:
-        picked = torch.multinomial(weights / weights.sum(), n_tgt, replacement=False,
-                                   generator=generator)
-        pred_mask[picked] = True
-    pred_mask = pred_mask.view(B, T)
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.txt").is_file():
+        raise UserError(f"no tokenizer.json or vocab.txt in {folder}: "
+                        "point to a BERT checkpoint folder")
+    try:
+        if (folder / "tokenizer.json").is_file():
+            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        else:
+            lowercase = True
+            if (folder / "tokenizer_config.json").is_file():
+                config = json.loads((folder / "tokenizer_config.json").read_text())
+                lowercase = config.get("do_lower_case", True)
+            tok = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=lowercase)._tokenizer
+    except Exception as e:  # the tokenizers library raises plain Exception on a malformed file
+        raise UserError(f"cannot read the tokenizer in {folder} ({e}): "
+                        "delete it and download it again") from e
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
-    real = input_ids[pred_mask]
-    rand = torch.randint(vocab_size, real.shape, generator=generator, device=real.device)
-    pred_probs = torch.tensor([word_mask, word_keep, word_rand], device=real.device)
-    kind = real  # 0 mask, 1 keep, 2 random; drawn only when there is something to draw for
-    if len(real):
-        kind = torch.multinomial(pred_probs, len(real), replacement=True, generator=generator)
-    new = torch.where(kind == 0, torch.full_like(real, mask_id),
-                      torch.where(kind == 1, real, rand))
-    masked = input_ids.masked_scatter(pred_mask, new)
-    labels = input_ids.masked_fill(~pred_mask, -100)
-    return masked, labels
+
+def special_ids(tok):
+    """{"pad", "unk", "cls", "sep", "mask"} -> id in this tokenizer's vocabulary."""
+    special = {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+    missing = [SPECIAL_TOKENS[n] for n, i in special.items() if i is None]
+    if missing:
+        raise UserError(f"the tokenizer has no {', '.join(missing)} token: "
+                        "use a BERT WordPiece tokenizer")
+    return special
+
+
+def encode_batch(tok, texts, pairs=None, max_len=128):
+    """Tokenize texts (or text pairs) with [CLS]/[SEP] and token types, padded to the longest in
+    the batch and truncated longest_first to max_len. Returns int64 tensors input_ids,
+    attention_mask, token_type_ids, each (B, T). Leaves the tokenizer padding and truncating so."""
+    tok.enable_truncation(max_len, strategy="longest_first")
+    tok.enable_padding(pad_id=special_ids(tok)["pad"], pad_token=SPECIAL_TOKENS["pad"])
+    encs = tok.encode_batch(list(texts) if pairs is None else list(zip(texts, pairs)))
+    return {
+        "input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long),
+        "attention_mask": torch.tensor([e.attention_mask for e in encs], dtype=torch.long),
+        "token_type_ids": torch.tensor([e.type_ids for e in encs], dtype=torch.long),
+    }

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import corpus
 import data
 from common import UserError, has_bfloat16_matmul, looks_like_path, lr_factor, pick_device
 from common import warmup_steps
@@ -113,7 +114,8 @@ def with_new_head(encoder: BERT) -> BERT:
 def unigram_bias(seqs, vocab_size, special) -> torch.Tensor:
     """log p(token) from the corpus counts (an unseen token counted once): the head's best guess
     before it sees the context, a start that saves steps spent learning word frequencies. (V,)"""
-    counts = 1.0 / data.token_probs(seqs, vocab_size, special, smoothing=1.0).double()  # max(c, 1)
+    weights = data.mask_weights(seqs, vocab_size, special, smoothing=1.0)  # 1 / max(count, 1)
+    counts = 1.0 / weights.double()
     counts[list(special)] = 1.0
     return (counts / counts.sum()).log().float()
 
@@ -122,12 +124,12 @@ def unigram_bias(seqs, vocab_size, special) -> torch.Tensor:
 
 def load_splits(cfg, tok):
     """(train sequences, their indices, held-out sequences, held-out indices, held-out name)."""
-    root = data.data_dir(cfg.data_dir)
-    train = data.load_corpus(cfg.data, tok, root, data_fraction=cfg.data_fraction,
-                             seq_len=cfg.seq_len)
-    if cfg.data in data.WIKITEXT:
-        heldout = data.load_corpus(cfg.data, tok, root, data_fraction=1.0, seq_len=cfg.seq_len,
-                                   split="valid")
+    root = corpus.data_dir(cfg.data_dir)
+    train = corpus.load_corpus(cfg.data, tok, root, data_fraction=cfg.data_fraction,
+                               seq_len=cfg.seq_len)
+    if cfg.data in corpus.WIKITEXT:
+        heldout = corpus.load_corpus(cfg.data, tok, root, data_fraction=1.0, seq_len=cfg.seq_len,
+                                     split="valid")
         train_idx, heldout_idx, name = np.arange(len(train)), np.arange(len(heldout)), "valid"
     else:  # no validation split: the tail of the corpus, left out of training
         n_held = max(1, math.ceil(HELDOUT_SHARE * len(train)))
@@ -140,11 +142,11 @@ def load_splits(cfg, tok):
     return train, train_idx, heldout, heldout_idx[:cfg.heldout_sequences], name
 
 
-def masked_batch(seqs, idx, ids, probs, vocab_size, gen, cfg, device):
+def masked_batch(seqs, idx, special, weights, vocab_size, gen, cfg, device):
     """One batch of sequences, masked as BERT's MLM: (input_ids, attention_mask, labels)."""
-    input_ids, attention_mask = (t.to(device) for t in data.collate(seqs, idx, ids["pad"]))
-    input_ids, labels = data.mask_batch(input_ids, attention_mask, probs, ids["mask"], vocab_size,
-                                        gen, cfg.mlm_mask_prop)
+    input_ids, attention_mask = (t.to(device) for t in data.collate(seqs, idx, special["pad"]))
+    input_ids, labels = data.mask_batch(input_ids, attention_mask, weights, special["mask"],
+                                        vocab_size, gen, cfg.mlm_mask_prop)
     return input_ids, attention_mask, labels
 
 
@@ -160,7 +162,7 @@ def head_loss(model, input_ids, attention_mask, labels, dtype):
     return L_mlm(logits, targets), int((logits.argmax(-1) == targets).sum()), len(targets)
 
 
-def evaluate(model, heldout, idx, ids, probs, cfg, device):
+def evaluate(model, heldout, idx, special, weights, cfg, device):
     """Held-out MLM loss (nats per masked token) and top-1 accuracy, masked with a fixed seed, the
     encoder in float32."""
     gen = torch.Generator(device).manual_seed(HELDOUT_MASK_SEED)
@@ -168,7 +170,7 @@ def evaluate(model, heldout, idx, ids, probs, cfg, device):
     model.eval()
     with torch.no_grad():
         for i in tqdm(range(0, len(idx), cfg.batch_size), desc="held-out", leave=False):
-            batch = masked_batch(heldout, idx[i:i + cfg.batch_size].tolist(), ids, probs,
+            batch = masked_batch(heldout, idx[i:i + cfg.batch_size].tolist(), special, weights,
                                  model.config.vocab_size, gen, cfg, device)
             loss, right, n = head_loss(model, *batch, torch.float32)
             loss_sum, correct, total = loss_sum + loss.item() * n, correct + right, total + n
@@ -177,7 +179,7 @@ def evaluate(model, heldout, idx, ids, probs, cfg, device):
 
 # ----------------------------------------------------------------------------- the fit
 
-def train_head(model, train, train_idx, ids, probs, cfg, device):
+def train_head(model, train, train_idx, special, weights, cfg, device):
     """AdamW on the head's parameters, linear warm-up and decay, dynamic masking (a new mask for
     every batch). Returns the mean training loss of the last log interval."""
     dtype = torch.bfloat16 if has_bfloat16_matmul(device) else torch.float32
@@ -189,8 +191,8 @@ def train_head(model, train, train_idx, ids, probs, cfg, device):
     bar = tqdm(total=cfg.steps, desc="fit-head")
     for step in range(1, cfg.steps + 1):
         _, _, idx = next(batches)
-        batch = masked_batch(train, train_idx[idx].tolist(), ids, probs, model.config.vocab_size,
-                             gen, cfg, device)
+        batch = masked_batch(train, train_idx[idx].tolist(), special, weights,
+                             model.config.vocab_size, gen, cfg, device)
         loss, right, n = head_loss(model, *batch, dtype)
         lr = cfg.lr * lr_factor(step - 1, cfg.steps, warmup)
         for group in opt.param_groups:
@@ -244,7 +246,7 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     if encoder.config.mlm_head:
         raise UserError(f"{cfg.teacher} already has an MLM head: use it as the teacher as it is")
     tok = data.load_tokenizer(encoder.source_dir)
-    ids = data.special_ids(tok)
+    special = data.special_ids(tok)
     train, train_idx, heldout, heldout_idx, heldout_name = load_splits(cfg, tok)
     print(f"data {cfg.data}: {len(train_idx)} training sequences, {len(heldout_idx)} held out "
           f"({heldout_name}); encoder frozen, head trained for {cfg.steps} steps of "
@@ -252,14 +254,14 @@ def fit_head(cfg: FitHeadConfig) -> dict:
     model = with_new_head(encoder).to(device)
     del encoder
     vocab = model.config.vocab_size
-    probs = data.token_probs(train, vocab, ids.values(), smoothing=0.0)  # uniform: BERT's MLM
+    weights = data.mask_weights(train, vocab, special.values(), smoothing=0.0)  # BERT's: uniform
     if cfg.bias_init == "unigram":
         with torch.no_grad():
-            model.vocab_projector.bias.copy_(unigram_bias(train, vocab, ids.values()))
-    before = evaluate(model, heldout, heldout_idx, ids, probs, cfg, device)
+            model.vocab_projector.bias.copy_(unigram_bias(train, vocab, special.values()))
+    before = evaluate(model, heldout, heldout_idx, special, weights, cfg, device)
     print(f"held-out before: loss {before['loss']:.4f} | top-1 {before['top1']:.4f}")
-    train_loss = train_head(model, train, train_idx, ids, probs, cfg, device)
-    after = evaluate(model, heldout, heldout_idx, ids, probs, cfg, device)
+    train_loss = train_head(model, train, train_idx, special, weights, cfg, device)
+    after = evaluate(model, heldout, heldout_idx, special, weights, cfg, device)
     print(f"held-out after: loss {after['loss']:.4f} | top-1 {after['top1']:.4f} "
           f"({after['masked_tokens']} masked tokens)")
     report = {"teacher": cfg.teacher, "heldout_loss": after["loss"], "heldout_top1": after["top1"],

@@ -95,8 +95,9 @@ import svg
 import tinydistil
 from common import (UserError, atomic_write, build_parser, field_comments, looks_like_path,
                     lr_factor, pick_device, warmup_steps)
-from data import (Batches, Sequences, build_sequences, collate, corpus_texts, data_dir,
-                  encode_batch, load_corpus, load_tokenizer, mask_batch, special_ids, token_probs)
+from corpus import WIKITEXT, corpus_texts, data_dir, load_corpus, token_dtype
+from data import (Batches, Sequences, build_sequences, collate, encode_batch, load_tokenizer,
+                  mask_batch, mask_weights, special_ids)
 from hub import (NoCheckpointFolder, checkpoint_folder, fetch_url, load_safetensors,
                  save_safetensors, snapshot_download)
 from losses import L_ce, L_ce_chunked, L_cos, L_kd_mse, L_kd_span, L_mlm, total_loss
@@ -526,8 +527,8 @@ def fake_hub(server, monkeypatch, tmp_path):
 
 @pytest.fixture
 def wikitext_host(server, monkeypatch):
-    """The server as the WikiText host (data.WIKITEXT_URL); a test puts the archives in .files."""
-    monkeypatch.setattr(data, "WIKITEXT_URL", f"{server.url}/")
+    """The server as the WikiText host (corpus.WIKITEXT_URL); tests put the archives in .files."""
+    monkeypatch.setattr("corpus.WIKITEXT_URL", f"{server.url}/")
     go_online(monkeypatch)
     return server
 
@@ -1156,7 +1157,7 @@ def random_batch(B=64, T=128, V=1000, seed=0):
     ids[3, 5] = IDS["unk"]
     seqs = Sequences(ids[mask.bool()].numpy().astype(np.uint16),
                      np.concatenate([[0], lengths.cumsum(0).numpy()]))
-    return ids, mask, token_probs(seqs, V, IDS.values())
+    return ids, mask, mask_weights(seqs, V, IDS.values())
 
 
 def made_up_texts(n, seed=0):
@@ -1416,7 +1417,7 @@ class TestData:
         assert ids["unk"] in seqs.ids  # the cleaned <unk> became the tokenizer's [UNK]
         assert len(list((wiki_root / "cache").glob("*/meta.json"))) == 1
 
-        monkeypatch.setattr(data, "iter_texts",
+        monkeypatch.setattr("corpus.iter_texts",
                             lambda *a, **k: pytest.fail("the cache was not used"))
         again = load_corpus("wikitext-2", data_tok, wiki_root, data_fraction=1.0, seq_len=32)
         assert np.array_equal(again.ids, seqs.ids) and np.array_equal(again.offsets, seqs.offsets)
@@ -1449,7 +1450,7 @@ class TestData:
         texts = made_up_texts(300)
         corpus = tmp_path / "corpus.txt"
         corpus.write_text("\n\n".join(texts) + "\n")
-        monkeypatch.setattr(data, "CHUNK_CHARS", 2000)  # dozens of chunks, not one
+        monkeypatch.setattr("corpus.CHUNK_CHARS", 2000)  # dozens of chunks, not one
         seqs = load_corpus(str(corpus), tok, tmp_path / "d", data_fraction=1.0, seq_len=64)
         # "today's" sequences: every text at once through build_sequences
         lists = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
@@ -1476,7 +1477,7 @@ class TestData:
         tok = data_tok
         (tmp_path / "c.txt").write_text("\n".join(made_up_texts(20)) + "\n")
         first = load_corpus(str(tmp_path / "c.txt"), tok, tmp_path, data_fraction=1.0)
-        monkeypatch.setattr(data, "prepare_corpus", pytest.fail)  # what DDP ranks 1.. do
+        monkeypatch.setattr("corpus.prepare_corpus", pytest.fail)  # what DDP ranks 1.. do
         again = load_corpus(str(tmp_path / "c.txt"), tok, tmp_path, data_fraction=1.0)
         assert isinstance(again.ids, np.memmap) and np.array_equal(again.ids, first.ids)
         assert np.array_equal(again.lengths, first.lengths) and again.stats == first.stats
@@ -1490,22 +1491,22 @@ class TestData:
         assert load_corpus(str(corpus), tok, tmp_path, data_fraction=1.0).stats["texts"] == 21
         assert len(prepared(tmp_path)) == 2
 
-    def test_token_probs_counted_in_chunks(self, monkeypatch):
+    def test_mask_weights_counted_in_chunks(self, monkeypatch):
         ids = np.random.default_rng(0).integers(0, 50, size=10_000).astype(np.uint16)
         seqs = Sequences(ids, np.array([0, 4_000, 10_000]))
-        whole = token_probs(seqs, 50, [0, 1])
+        whole = mask_weights(seqs, 50, [0, 1])
         monkeypatch.setattr(data, "COUNT_CHUNK", 333)
-        assert torch.equal(token_probs(seqs, 50, [0, 1]), whole)
+        assert torch.equal(mask_weights(seqs, 50, [0, 1]), whole)
         counts = np.bincount(ids, minlength=50)
         assert whole[7].item() == pytest.approx(counts[7] ** -0.7)
         with pytest.raises(UserError, match="token id 49 but the model's vocabulary has 40"):
-            token_probs(seqs, 40, [0])
+            mask_weights(seqs, 40, [0])
 
     def test_dtype_from_the_vocabulary_size(self):
-        assert data.token_dtype(30522) == np.uint16
-        assert data.token_dtype(65536) == np.uint16  # ids 0..65535 all fit
-        assert data.token_dtype(65537) == np.uint32
-        assert data.token_dtype(250_002) == np.uint32
+        assert token_dtype(30522) == np.uint16
+        assert token_dtype(65536) == np.uint16  # ids 0..65535 all fit
+        assert token_dtype(65537) == np.uint32
+        assert token_dtype(250_002) == np.uint32
 
     def test_a_vocabulary_over_65536_ids_is_stored_as_uint32(self, tmp_path):
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -1522,7 +1523,7 @@ class TestData:
         assert seqs.ids.dtype == np.uint32
         assert seqs[0].tolist() == [2, *range(69_975, 70_005), 3]  # not wrapped past 65,535
         assert seqs[1].tolist() == [2, *range(5, 35), 3]
-        probs = token_probs(seqs, 70_005, special_ids(tok).values())
+        probs = mask_weights(seqs, 70_005, special_ids(tok).values())
         assert probs.shape == (70_005,) and probs[70_004].item() == 1.0
         meta = json.loads((prepared(tmp_path)[0] / "meta.json").read_text())
         assert meta["dtype"] == "uint32" and meta["tokens"] == 64
@@ -1551,8 +1552,9 @@ class TestData:
 
     def test_an_exception_mid_way_leaves_nothing(self, data_tok, tmp_path, monkeypatch):
         tok, corpus = data_tok, corpus_file(tmp_path)
-        monkeypatch.setattr(data, "CHUNK_CHARS", 500)
-        real, calls = data._encode_chunk, []
+        monkeypatch.setattr("corpus.CHUNK_CHARS", 500)
+        from corpus import _encode_chunk as real  # the stand-in below calls it
+        calls = []
 
         def fail_on_third(*args):
             calls.append(1)
@@ -1560,7 +1562,7 @@ class TestData:
                 raise KeyboardInterrupt  # Ctrl-C half-way
             return real(*args)
 
-        monkeypatch.setattr(data, "_encode_chunk", fail_on_third)
+        monkeypatch.setattr("corpus._encode_chunk", fail_on_third)
         with pytest.raises(KeyboardInterrupt):
             load_corpus(corpus, tok, tmp_path, data_fraction=1.0)
         assert prepared(tmp_path) == [] and leftovers(tmp_path) == []
@@ -1572,12 +1574,12 @@ class TestData:
         corpus = corpus_file(tmp_path)
         # A child prepares the corpus and is killed by SIGKILL while writing (after its second
         # chunk) or with every file written, meta.json included, just before the folder's rename.
-        hook = {"mid-way": "data._encode_chunk = stop_after(data._encode_chunk, 2)",
-                "before the rename": "data._publish = stop_after(data._publish, 0)"}[where]
+        hook = {"mid-way": "corpus._encode_chunk = stop_after(corpus._encode_chunk, 2)",
+                "before the rename": "corpus._publish = stop_after(corpus._publish, 0)"}[where]
         script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-import data
+import corpus, data
 def stop_after(fn, n):
     calls = []
     def wrapped(*args):
@@ -1586,10 +1588,10 @@ def stop_after(fn, n):
         calls.append(1)
         return fn(*args)
     return wrapped
-data.CHUNK_CHARS = 500
+corpus.CHUNK_CHARS = 500
 {hook}
 tok = data.load_tokenizer({str(DATA_FIX / "tok_json")!r})
-data.load_corpus({corpus!r}, tok, {str(tmp_path)!r}, data_fraction=1.0)
+corpus.load_corpus({corpus!r}, tok, {str(tmp_path)!r}, data_fraction=1.0)
 """
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=120)
@@ -1614,16 +1616,16 @@ data.load_corpus({corpus!r}, tok, {str(tmp_path)!r}, data_fraction=1.0)
         load_corpus(corpus, tok, tmp_path, data_fraction=1.0)
         assert live.is_dir() and not dead.exists()
 
-    def test_token_probs(self):
+    def test_mask_weights(self):
         seqs = Sequences(np.array([2, 5, 5, 5, 6, 3, 2, 5, 3], dtype=np.uint16),
                          np.array([0, 6, 9]))
-        p = token_probs(seqs, vocab_size=8, special=IDS.values())
+        p = mask_weights(seqs, vocab_size=8, special=IDS.values())
         assert p.dtype == torch.float32 and p.shape == (8,)
         assert p[:5].tolist() == [0.0] * 5  # special tokens are never masked
         assert p[5].item() == pytest.approx(4 ** -0.7)
         assert p[6].item() == 1.0 and p[7].item() == 1.0  # max(count, 1)
         with pytest.raises(UserError, match="do not match"):
-            token_probs(seqs, vocab_size=6, special=[])
+            mask_weights(seqs, vocab_size=6, special=[])
 
     def test_batches_cover_every_sequence_once_grouped_by_length(self):
         lengths = lengths_for_test()
@@ -1691,7 +1693,7 @@ data.load_corpus({corpus!r}, tok, {str(tmp_path)!r}, data_fraction=1.0)
         ids2 = torch.full((4, 100), 7)
         ids2[:, 0], ids2[:, -1], ids2[0, 50] = IDS["cls"], IDS["sep"], 8
         seqs = Sequences(ids2.flatten().numpy().astype(np.uint16), np.arange(0, 401, 100))
-        p = token_probs(seqs, 10, IDS.values())
+        p = mask_weights(seqs, 10, IDS.values())
         hits = sum((mask_batch(ids2, torch.ones_like(ids2), p, 4, 10,
                                torch.Generator().manual_seed(s))[1][0, 50] != -100).item()
                    for s in range(200))
@@ -1767,9 +1769,9 @@ data.load_corpus({corpus!r}, tok, {str(tmp_path)!r}, data_fraction=1.0)
         assert np.array_equal(again.ids, seqs.ids) and len(wikitext_host.paths) == 1
 
     def test_archive_names_and_folders(self):
-        assert data.WIKITEXT["wikitext-103-raw"][:2] == ("wikitext-103-raw-v1.zip",
-                                                         "wikitext-103-raw")
-        assert data.WIKITEXT["wikitext-103"][:2] == ("wikitext-103-v1.zip", "wikitext-103")
+        assert WIKITEXT["wikitext-103-raw"][:2] == ("wikitext-103-raw-v1.zip",
+                                                    "wikitext-103-raw")
+        assert WIKITEXT["wikitext-103"][:2] == ("wikitext-103-v1.zip", "wikitext-103")
 
     def test_offline_raw_points_to_the_tokenised_version_on_disk(self, data_tok, tmp_path,
                                                                  monkeypatch):
@@ -1790,7 +1792,7 @@ data.load_corpus({corpus!r}, tok, {str(tmp_path)!r}, data_fraction=1.0)
             load_corpus("wikitext-103", data_tok, tmp_path)
 
     def test_unreachable_host_gets_the_hint_too(self, data_tok, tmp_path, monkeypatch):
-        monkeypatch.setattr(data, "WIKITEXT_URL", f"http://127.0.0.1:{closed_port()}/")
+        monkeypatch.setattr("corpus.WIKITEXT_URL", f"http://127.0.0.1:{closed_port()}/")
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.delenv("TINYDISTIL_OFFLINE", raising=False)
         put_fixture(tmp_path, "wikitext-2", "wiki.train.tokens", "wiki.train.tokens")

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
-import data
+import corpus
 from common import ADVICE, UserError, atomic_write, write_error
 from hub import fetch_url
 from tasks import metrics
@@ -129,7 +129,7 @@ def path(task, split, data_dir=None):
     splits = ("train",) + t.dev_splits
     if split not in splits:
         raise UserError(f"{task} has no split {split!r}: use one of {', '.join(splits)}")
-    root = data.data_dir(data_dir) / "glue"
+    root = corpus.data_dir(data_dir) / "glue"
     dest = root / t.dir / f"{split}.tsv"
     if not dest.exists():
         try:

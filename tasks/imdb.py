@@ -19,7 +19,7 @@ import zlib
 
 from tqdm import tqdm
 
-import data
+import corpus
 from common import UserError
 from hub import fetch_url
 from tasks.glue import Example
@@ -32,7 +32,7 @@ _REVIEW = re.compile(r"aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt")
 def archive(data_dir=None):
     """Path of the archive, downloaded first when it is missing."""
     name = "aclImdb_v1.tar.gz"
-    return fetch_url(URL, data.data_dir(data_dir) / "imdb" / name, desc=name)
+    return fetch_url(URL, corpus.data_dir(data_dir) / "imdb" / name, desc=name)
 
 
 def load(split, data_dir=None):

@@ -25,7 +25,7 @@ import json
 
 import numpy as np
 
-import data
+import corpus
 from common import UserError
 from hub import fetch_url
 from tasks import metrics
@@ -39,7 +39,7 @@ def load(split, data_dir=None):
     if split not in ("train", "dev"):
         raise UserError(f"SQuAD has no split {split!r}: use train or dev")
     name = f"{split}-v1.1.json"
-    path = fetch_url(URL + name, data.data_dir(data_dir) / "squad" / name, desc=name)
+    path = fetch_url(URL + name, corpus.data_dir(data_dir) / "squad" / name, desc=name)
     try:
         articles = json.loads(path.read_text(encoding="utf-8"))["data"]
         return [{"id": qa["id"], "question": qa["question"], "context": p["context"],
