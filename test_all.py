@@ -2060,13 +2060,32 @@ class TestPretrain:
         assert (checkpoints / "latest").read_text() == "step-40"
         assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-40"]
 
-    def test_log_units_mfu_and_the_final_line(self, tmp_path, corpus, capsys):
-        pretrain(pretrain_config(tmp_path, corpus, max_steps=4, log_every=2))
+    def test_log_units_mfu_and_the_final_line(self, tmp_path, capsys):
+        # 64 texts of exactly 30 one-token words: every sequence is [CLS] + 30 + [SEP], every batch
+        # full, so a step is 8 x 32 real tokens, each costing the FLOPs of a 32-token sequence.
+        words = [w for w in (TOKENIZER / "vocab.txt").read_text().split()
+                 if w.isalpha() and len(w) > 2]
+        rng, corpus = random.Random(0), tmp_path / "full_length.txt"
+        corpus.write_text("".join(" ".join(rng.choices(words, k=30)) + "\n" for _ in range(64)))
+        pretrain(pretrain_config(tmp_path, corpus, max_steps=4, log_every=2, data_fraction=1.0))
         out = capsys.readouterr().out
         assert "ms/step" in out and "tokens/s" in out and "ETA" in out
         assert f"saved the student to {tmp_path / 'out'}" in out
         log = train_log(tmp_path / "out")
-        assert all(r["mfu"] is None or 0 < r["mfu"] <= 1 for r in log)
+        # MFU = model FLOPs per second / the peak matmul FLOP/s of each model's dtype (measured
+        # once per process, so the run's peaks are read back here): teacher forward, student
+        # forward and backward (3x), the vocabulary head on every row (L_ce is on).
+        state = torch.load(tmp_path / "out" / "checkpoints" / "step-4" / "train_state.pt",
+                           weights_only=False)
+        teacher_dtype = getattr(torch, state["config"]["teacher_dtype"])  # "auto" chose it
+        teacher = BERT.from_pretrained(TEACHER).config
+        student = BERT.from_pretrained(str(tmp_path / "out")).config
+        flops, peak = tinydistil.flops_per_token, tinydistil.peak_flops
+        seconds_at_peak_per_token = (flops(teacher, 32, True) / peak(CPU, teacher_dtype)
+                                     + 3 * flops(student, 32, True) / peak(CPU, torch.float32))
+        for line in log:
+            assert line["tokens_per_s"] * line["ms_per_step"] / 1000 == pytest.approx(8 * 32)
+            assert line["mfu"] == pytest.approx(line["tokens_per_s"] * seconds_at_peak_per_token)
 
     def test_logged_losses_are_means_over_the_interval(self, tmp_path, corpus):
         every = pretrain_log(tmp_path / "a", corpus, log_every=1)
@@ -2075,11 +2094,24 @@ class TestPretrain:
             for key in ("loss", "loss_mlm", "loss_cos"):
                 assert abs(two[key] - (x[key] + y[key]) / 2) < 1e-5, key
 
-    def test_default_save_interval_checkpoints_a_run_five_times(self, tmp_path, corpus, capsys):
+    def test_default_save_interval_checkpoints_a_run_five_times(self, tmp_path, corpus,
+                                                                 monkeypatch):
+        # A checkpoint replaces the one before it: the folders each one wrote are recorded.
+        folders, save_pretrained = [], BERT.save_pretrained
+
+        def recording_save(model, folder, *args, **kwargs):
+            folders.append(Path(folder).name)
+            return save_pretrained(model, folder, *args, **kwargs)
+
+        monkeypatch.setattr(BERT, "save_pretrained", recording_save)
         pretrain(pretrain_config(tmp_path, corpus, max_steps=10, save_every=None, log_every=1))
+        steps = [int(m[1]) for m in map(re.compile(r"step-(\d+)").match, folders) if m]
+        assert steps == [2, 4, 6, 8, 10]
         state = torch.load(tmp_path / "out" / "checkpoints" / "step-10" / "train_state.pt",
                            weights_only=False)
         assert state["config"]["save_every"] is None and state["step"] == 10
+        assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
+            "latest", "step-10"]
 
     def test_max_steps_zero_saves_the_initialised_student(self, tmp_path, corpus):
         pretrain(pretrain_config(tmp_path, corpus, max_steps=0))
