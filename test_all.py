@@ -1867,7 +1867,7 @@ class TestPretrain:
         assert f"at step {stopped_at}" in resumed.stdout
         a = load_safetensors(tmp_path / "full" / "model.safetensors")
         b = load_safetensors(out / "model.safetensors")
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # on the CPU
 
     @pytest.mark.slow
     def test_ddp_two_gloo_processes_sigterm_and_resume(self, tmp_path, corpus):
