@@ -527,15 +527,8 @@ def print_throughput(candidate: Candidate, pairs, modes):
 
 # ----------------------------------------------------------------------------- distillation step
 
-def time_distillation_steps(cfg: BenchConfig) -> dict:
-    """Speed of pretraining (paper section 3): tinydistil's own step (mask on the host, copy,
-    distillation_loss, backward, clip, AdamW) with a random-weight BERT-base teacher, its 6-layer
-    student and random full-length batches, as the small recipe runs it (teacher in bfloat16 where
-    native; float32 matmuls in TF32 on CUDA, as pretrain). One step is untimed. Prints and returns
-    tokens/s, ms/step, MFU (against each model's dtype's measured peak, and against the bfloat16
-    peak) and peak memory: the CUDA allocator's on a GPU, else the process's resident set."""
-    device = pick_device(cfg.device)  # auto: the GPU when there is one
-    tf32 = use_tf32(device)
+def check_step_options(cfg: BenchConfig) -> str:
+    """--pretrain-step's options, before anything is built; returns the student's dtype."""
     dtype = cfg.dtypes or "float32"
     if dtype not in ("float32", "bfloat16") or min(cfg.batch_size, cfg.seq_len, cfg.steps) < 1:
         raise UserError("--pretrain-step takes --dtypes float32 or bfloat16 and positive "
@@ -543,6 +536,19 @@ def time_distillation_steps(cfg: BenchConfig) -> dict:
     positions = BertConfig.preset("bert-base-uncased").max_position_embeddings
     if cfg.seq_len > positions:
         raise UserError(f"--seq-len {cfg.seq_len}: BERT-base takes at most {positions} tokens")
+    return dtype
+
+
+def time_distillation_steps(cfg: BenchConfig) -> dict:
+    """Speed of pretraining (paper section 3): tinydistil's own step (mask on the host, copy,
+    distillation_loss, backward, clip, AdamW) with a random-weight BERT-base teacher, its 6-layer
+    student and random full-length batches, as the small recipe runs it (teacher in bfloat16 where
+    native; float32 matmuls in TF32 on CUDA, as pretrain). One step is untimed. Prints and returns
+    tokens/s, ms/step, MFU (against each model's dtype's measured peak, and against the bfloat16
+    peak) and peak memory: the CUDA allocator's on a GPU, else the process's resident set."""
+    dtype = check_step_options(cfg)
+    device = pick_device(cfg.device)  # auto: the GPU when there is one
+    tf32 = use_tf32(device)
     pcfg = tinydistil.resolve_recipe(tinydistil.PretrainConfig(dtype=dtype), 1, device)
     pcfg = tinydistil.resolve_losses(pcfg, mlm_head=True)  # the paper's loss: bert-base's head
     torch.manual_seed(0)
