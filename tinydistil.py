@@ -60,13 +60,14 @@ class PretrainConfig:
     warmup: float = 0.05                 # fraction of the steps with linear warm-up
     weight_decay: float = 0.0
     max_grad_norm: float = 5.0
-    alpha_ce: Optional[float] = None     # weight of the distillation loss over soft targets
-    alpha_mlm: Optional[float] = None    # weight of the masked LM loss
-    alpha_cos: Optional[float] = None    # weight of the last hidden state's cosine loss
-    alpha_hid: Optional[float] = None    # weight of the cosine loss on the layers below the last
-    alpha_pool: Optional[float] = None   # weight of the mean-pooled sentence embedding's cosine
+    # The loss fields left at None come from LOSSES: by whether the teacher has an MLM head.
+    alpha_ce: Optional[float] = None     # weight of L_ce, soft targets (LOSSES: 5; head-less 0)
+    alpha_mlm: Optional[float] = None    # weight of L_mlm, masked LM (LOSSES: 2; head-less 0)
+    alpha_cos: Optional[float] = None    # weight of L_cos, last hidden state (LOSSES: 1)
+    alpha_hid: Optional[float] = None    # weight of L_hid, the layers below the last (LOSSES: 0)
+    alpha_pool: Optional[float] = None   # weight of L_pool, mean-pooled embedding (LOSSES: 0)
     temperature: float = 2.0             # softmax temperature of L_ce
-    mlm_mask_prop: Optional[float] = None  # fraction of the tokens masked (0: the input is clean)
+    mlm_mask_prop: Optional[float] = None  # fraction masked, 0: clean (LOSSES: 0.15; head-less 0)
     mlm_smoothing: float = 0.7           # masking probability of a token is count ** -smoothing
     teacher_dtype: Optional[str] = None  # float32, bfloat16, auto (bf16 if native); None: recipe
     dtype: str = "float32"               # float32 or bfloat16 (autocast) for the student
