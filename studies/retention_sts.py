@@ -66,10 +66,12 @@ class StsStudyConfig:
 # 128 tokens); its loss flags are written out in full, so that a later change of the defaults
 # (LOSSES) does not silently change a rerun; "default" alone passes none: it is what a user gets.
 FULL = ["--data-fraction", "1.0", "--epochs", "1"]
-# The training pairs of STS-B, both sentences of a pair on one line (one sentence alone is often
-# under the 12 tokens a sequence needs): 5,749 texts, about as many tokens as the tenth of
-# WikiText-2. Not a recipe: it measures how much of what the student lacks is the corpus's domain.
+# The training pairs of a GLUE pair task, both sentences of a pair on one line (one sentence alone
+# is often under the 12 tokens a sequence needs): STS-B's 5,749 pairs (154K tokens) or MRPC's 3,668
+# (news, 180K), about as many tokens as the tenth of WikiText-2. Not recipes: they measure how much
+# of what the student lacks is the corpus (STS-B's own training text; other sentences).
 IN_DOMAIN = ["--data", "{stsb_train_text}", "--data-fraction", "1.0"]
+OTHER_SENTENCES = ["--data", "{mrpc_train_text}", "--data-fraction", "1.0"]
 
 
 def loss_flags(ce, mlm, cos, hid=0, pool=0, mask=0.15):
@@ -101,6 +103,8 @@ ROWS = {
     "default-stsb-train": ("the head-less default on STS-B's training sentences (not the dev "
                            "pairs scored): how much is the corpus's domain", IN_DOMAIN, "teacher",
                            None),
+    "default-mrpc-train": ("the head-less default on MRPC's training sentences (news pairs, not "
+                           "STS-B's)", OTHER_SENTENCES, "teacher", None),
     "default-full": ("the head-less default on one epoch of the whole of WikiText-2", FULL,
                      "teacher", None),
     "random": ("random init, no distillation", ["--student-init", "random", "--max-steps", "0"],
@@ -127,7 +131,7 @@ def pretrain(name, flags, seed, teacher, cfg, env):
     cmd = [sys.executable, "tinydistil.py", "pretrain", "--teacher", teacher, "--n-layer", "3",
            "--data", "wikitext-2", "--data-dir", env["data"], "--teacher-dtype",
            cfg.teacher_dtype, "--lr", "5e-4", "--batch-size", "16", "--seed", str(seed),
-           *(f.format(stsb_train_text=env["stsb_train_text"]) for f in flags)]
+           *(f.format(**env["corpora"]) for f in flags)]
     if cfg.max_steps is not None and "--max-steps" not in flags:
         cmd += ["--max-steps", str(cfg.max_steps)]
     seconds = 0.0
@@ -217,7 +221,7 @@ def setup(cfg):
         names = [n for n in names if ROWS[n][2] != "fitted"]
         print("no --fitted-teacher: the fh-* rows are left out")
     data = Path(cfg.data_dir or "")
-    needed = ("wikitext-2", "glue/STS-B", "glue/SST-2")
+    needed = ("wikitext-2", "glue/STS-B", "glue/SST-2", "glue/MRPC")
     if not cfg.data_dir or not all((data / d).is_dir() for d in needed):
         raise UserError(f"--data-dir: give the folder holding {', '.join(needed)}")
     try:
@@ -229,15 +233,16 @@ def setup(cfg):
     sha, code = export_code(cfg.code_commit, root)
     env = {"teacher": teacher, "fitted": cfg.fitted_teacher, "data": str(data.resolve()),
            "root": root, "sha": sha, "code": code, "logs": root / "logs", "seeds": seeds,
-           "stsb_train_text": str(stsb_train_text(data, root))}
+           "corpora": {f"{task}_train_text": str(pairs_text(task, data, root))
+                       for task in ("stsb", "mrpc")}}
     return names, env
 
 
-def stsb_train_text(data, root):
-    """STS-B's training pairs as a text corpus, one pair per line (IN_DOMAIN); made once."""
-    path = root / "data" / "stsb-train-pairs.txt"
+def pairs_text(task, data, root):
+    """A GLUE pair task's training pairs as a text corpus, one pair per line; made once."""
+    path = root / "data" / f"{task}-train-pairs.txt"
     if not path.is_file():
-        pairs = glue.load("stsb", "train", str(data))
+        pairs = glue.load(task, "train", str(data))
         text = "".join(f"{e.text_a} {e.text_b}\n" for e in pairs)
         atomic_write(path, text.encode("utf-8"))
     return path
