@@ -39,7 +39,8 @@ def parse_args():
 def texts(teacher, args):
     """{"stsb": (input_ids, mask) batches of STS-B dev sentences, "wikitext": the same of
     WikiText-2 validation chunks}, 32 texts a batch."""
-    from data import collate, data_dir, load_corpus, load_tokenizer, special_ids
+    from corpus import data_dir, load_corpus
+    from data import collate, load_tokenizer, special_ids
     from tasks import glue
     tok = load_tokenizer(teacher.source_dir)
     ids = special_ids(tok)
