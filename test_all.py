@@ -1,6 +1,6 @@
 """test_all.py: the tests of tinydistil, all in this one file. Offline, CPU only.
 
-    python -m pytest -q test_all.py                # all: ~100 s on 2 quiet cores, 200 s at load 4
+    python -m pytest -q test_all.py                # all: 105 s on 2 quiet cores, ~200 s at load 4
     python -m pytest -q test_all.py -m "not slow"  # without the slow tests: about 30 s
     python -m pytest -q test_all.py -k TestSquad   # one module's tests (-k matches name parts)
 
