@@ -19,7 +19,6 @@ precision; the KD term for a head.
 """
 import json
 
-import torch
 
 import data
 from common import UserError
