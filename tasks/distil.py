@@ -19,7 +19,6 @@ precision; the KD term for a head.
 """
 import json
 
-
 import data
 from common import UserError
 from hub import checkpoint_folder
