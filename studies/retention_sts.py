@@ -111,6 +111,9 @@ ROWS = {
     # the head-less default's distance to the teacher on short sentences a matter of step size?
     "default-lr2e-4": ("the head-less default at lr 2e-4", ["--lr", "2e-4"], "teacher", None),
     "default-lr1e-3": ("the head-less default at lr 1e-3", ["--lr", "1e-3"], "teacher", None),
+    # When the gain comes: the whole learning-rate schedule squeezed into 4 steps.
+    "default-4-steps": ("the head-less default stopped after 4 steps (--max-steps 4)",
+                        ["--max-steps", "4"], "teacher", None),
     "random": ("random init, no distillation", ["--student-init", "random", "--max-steps", "0"],
                "teacher", "random"),
     "default-random": ("the head-less default from random init", ["--student-init", "random"],
@@ -122,6 +125,8 @@ ROWS = {
     "fh-no-cos": ("fitted-head teacher, L_cos off (Table 4)", loss_flags(5, 2, 0), "fitted", None),
     "fh-random": ("fitted-head teacher, 5/2/1 from random init (Table 4)",
                   loss_flags(5, 2, 1) + ["--student-init", "random"], "fitted", None),
+    "fh-paper-4-steps": ("fitted-head teacher, 5 L_ce + 2 L_mlm + 1 L_cos stopped after 4 steps",
+                         loss_flags(5, 2, 1) + ["--max-steps", "4"], "fitted", None),
     # What the head's quality buys: the same loss from a head fitted for one step (its decoder bias
     # the corpus's unigram log-frequencies, its transform as initialised), so L_ce's soft targets
     # say little more than how common each word is.
