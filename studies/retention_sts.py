@@ -111,6 +111,7 @@ ROWS = {
     # the head-less default's distance to the teacher on short sentences a matter of step size?
     "default-lr2e-4": ("the head-less default at lr 2e-4", ["--lr", "2e-4"], "teacher", None),
     "default-lr1e-3": ("the head-less default at lr 1e-3", ["--lr", "1e-3"], "teacher", None),
+    "default-lr1e-4": ("the head-less default at lr 1e-4", ["--lr", "1e-4"], "teacher", None),
     # When the gain comes: the whole learning-rate schedule squeezed into 4 steps.
     "default-4-steps": ("the head-less default stopped after 4 steps (--max-steps 4)",
                         ["--max-steps", "4"], "teacher", None),
