@@ -1512,7 +1512,7 @@ def pretrain_log(tmp_path, corpus, log_every):
 
 class TestPretrain:
     def test_small_is_the_default_and_explicit_flags_win(self):
-        cfg = tinydistil.resolve_recipe(PretrainConfig(), 1, CPU)
+        cfg = tinydistil.resolve_losses(tinydistil.resolve_recipe(PretrainConfig(), 1, CPU), True)
         assert (cfg.batch_size, cfg.grad_accum, cfg.seq_len, cfg.lr, cfg.epochs) == \
             (16, 1, 128, 5e-4, 3)
         cfg = tinydistil.resolve_recipe(PretrainConfig(recipe="paper", lr=1e-4), 1, CPU)
@@ -3811,6 +3811,8 @@ class TestHeadlessTeacher:
         for k, v in tinydistil.LOSSES["no mlm head"].items():
             assert getattr(headless, k) == (3.0 if k == "alpha_cos" else v), k
         assert tinydistil.LOSSES["no mlm head"]["alpha_ce"] == 0
+        assert (headed.lr, headless.lr) == (5e-4, tinydistil.LOSSES["no mlm head"]["lr"])
+        assert tinydistil.resolve_losses(PretrainConfig(lr=1e-3), False).lr == 1e-3
         explicit = tinydistil.resolve_losses(PretrainConfig(alpha_ce=0.0, alpha_mlm=2.0,
                                                             mlm_mask_prop=0.15), False)
         assert (explicit.alpha_ce, explicit.alpha_mlm, explicit.mlm_mask_prop) == (0, 2.0, 0.15)
