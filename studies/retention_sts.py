@@ -110,6 +110,8 @@ ROWS = {
     # The small recipe's lr (5e-4) was chosen on SST-2 with bert-style losses (retention.md): is
     # the head-less default's distance to the teacher on short sentences a matter of step size?
     "default-lr2e-4": ("the head-less default at lr 2e-4", ["--lr", "2e-4"], "teacher", None),
+    "default-lr5e-4": ("the head-less default at lr 5e-4 (its lr before commit 14190ce)",
+                       ["--lr", "5e-4"], "teacher", None),
     "default-lr1e-3": ("the head-less default at lr 1e-3", ["--lr", "1e-3"], "teacher", None),
     "default-lr1e-4": ("the head-less default at lr 1e-4", ["--lr", "1e-4"], "teacher", None),
     # When the gain comes: the whole learning-rate schedule squeezed into 4 steps.
