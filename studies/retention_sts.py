@@ -145,9 +145,12 @@ def pretrain(name, flags, seed, teacher, cfg, env):
     when complete; a complete one is reused). Returns (dir, command, seconds, last losses)."""
     slug = "_".join(f.lstrip("-") for f in flags).replace("/", "") or "no-flags"
     out = env["root"] / "students" / f"{env['sha'][:12]}-{name}-{slug}-seed{seed}"
+    # Every row but the default pins the reference's lr, as it pins its loss weights (a row's own
+    # --lr comes later and wins); the default runs at the lr pretrain chooses (LOSSES).
+    lr = [] if name == "default" else ["--lr", "5e-4"]
     cmd = [sys.executable, "tinydistil.py", "pretrain", "--teacher", teacher, "--n-layer", "3",
            "--data", "wikitext-2", "--data-dir", env["data"], "--teacher-dtype",
-           cfg.teacher_dtype, "--lr", "5e-4", "--batch-size", "16", "--seed", str(seed),
+           cfg.teacher_dtype, *lr, "--batch-size", "16", "--seed", str(seed),
            *(f.format(**env["corpora"]) for f in flags)]
     if cfg.max_steps is not None and "--max-steps" not in flags:
         cmd += ["--max-steps", str(cfg.max_steps)]
