@@ -24,7 +24,8 @@ The fh-* rows distil from the teacher with an MLM head fitted by `python tinydis
 and its Table 4 ablations (each term off in turn, random init).
 
 Each finished row is one JSON line in --results (rows already there are skipped): its commands, the
-commit, the minutes, every seed's score and the pretraining's last losses. Every command holds
+commit, the minutes, every seed's score and the pretraining's last losses. A row there with fewer
+seeds than --pretrain-seeds asks is extended in place, at the commit it ran at (--code-commit). Every command holds
 /tmp/tinydistil-cpu.lock while it runs; students whose folder is complete are reused, so a stopped
 row continues from its last finished seed.
 """
@@ -197,15 +198,23 @@ def summary(scores):
 
 # ----------------------------------------------------------------------------- one row
 
-def run_row(name, cfg, env, done_before):
+def seeds_of(name, env) -> list:
+    """The pretraining seeds a row asks: the teacher, and its layers copied with no training, are
+    the same whatever the seed."""
+    return env["seeds"][:1] if ROWS[name][1] in (None, ["--max-steps", "0"]) else env["seeds"]
+
+
+def run_row(name, cfg, env, done_before, earlier=None):
     """Pretrain the row's student once per seed (unless the teacher), score each zero-shot on
-    STS-B, and the first seed's on SST-2 (or take a retention.jsonl row's score). Its line."""
+    STS-B, and the first seed's on SST-2 (or take a retention.jsonl row's score). Its line.
+    earlier: the row's line from a run with fewer seeds, at this commit: its seeds are kept, and
+    its SST-2 score (of the same first student), and only the missing seeds run."""
     what, flags, teacher_kind, sst2_row = ROWS[name]
     teacher = one_step_head(env) if teacher_kind == "one-step head" else env[teacher_kind]
-    # The teacher, and its layers copied with no training, are the same whatever the seed.
-    seeds = env["seeds"][:1] if flags in (None, ["--max-steps", "0"]) else env["seeds"]
-    runs, commands, minutes = [], [], 0.0
-    for seed in seeds:
+    runs = list(earlier["stsb"]["runs"]) if earlier else []
+    commands = list(earlier["commands"]) if earlier else []
+    minutes = earlier["minutes"] if earlier else 0.0
+    for seed in [s for s in seeds_of(name, env) if s not in {r["seed"] for r in runs}]:
         if flags is None:
             model, losses = teacher, None
         else:
@@ -221,7 +230,9 @@ def run_row(name, cfg, env, done_before):
               flush=True)
     line = {"row": name, "what": what, "commit": env["sha"], "flags": flags,
             "teacher": teacher, "stsb": {**summary([r["spearman"] for r in runs]), "runs": runs}}
-    if sst2_row is not None and sst2_row in done_before:
+    if earlier and earlier.get("sst2"):
+        line.update({k: earlier[k] for k in ("sst2", "sst2_from") if k in earlier})
+    elif sst2_row is not None and sst2_row in done_before:
         old = done_before[sst2_row]
         line["sst2"] = old["sst2"]
         line["sst2_from"] = f"studies/retention.jsonl row {sst2_row} (commit {old['commit'][:7]})"
@@ -318,14 +329,22 @@ def main(cfg: StsStudyConfig):
     done = read_rows(results)
     sst2_done = {} if cfg.tiny else read_rows(ROOT / "studies" / "retention.jsonl")
     for name in names:
-        if name in done:
+        earlier = done.get(name)
+        if earlier and {r["seed"] for r in earlier["stsb"]["runs"]} >= set(seeds_of(name, env)):
             print(f"{name}: done, skipped")
             continue
+        if earlier and earlier["commit"] != env["sha"]:
+            raise UserError(f"row {name} has fewer seeds than asked, run at commit "
+                            f"{earlier['commit'][:12]}: add them with --code-commit "
+                            f"{earlier['commit'][:12]}, or remove its line to rerun it whole")
         print(f"{name}: {ROWS[name][0]} ...", flush=True)
-        line = run_row(name, cfg, env, sst2_done)
-        done[name] = line
-        with open(results, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
+        done[name] = run_row(name, cfg, env, sst2_done, earlier)
+        if earlier:  # the row's line replaced, in place
+            atomic_write(results, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
+        else:
+            with open(results, "a", encoding="utf-8") as f:
+                f.write(json.dumps(done[name]) + "\n")
+        line = done[name]
         s = line["stsb"]
         print(f"{name}: STS-B {100 * s['median']:.2f} (spread {100 * s['spread']:.2f}), "
               f"{line['minutes']} min", flush=True)
