@@ -107,7 +107,7 @@ PAPER_SEQUENCES_PER_STEP = 2000  # paper recipe: grad_accum = this / (batch_size
 # at the reference's lr 5e-4. Without one (a sentence encoder: MiniLM, e5, bge, ...) L_ce has no
 # soft targets, and L_mlm would train a fresh head whose gradients pull the encoder away from the
 # teacher. studies/retention_sts.md measured what a 3-layer MiniLM student keeps of zero-shot
-# STS-B (teacher 86.72, truncation 79.63): with 2 L_mlm + 1 L_cos 69.09, with L_cos alone 83.5,
+# STS-B (teacher 86.72, truncation 79.63): with 2 L_mlm + 1 L_cos 70.6, with L_cos alone 83.5,
 # and neither masking, L_hid nor L_pool move it further. Its whole gain comes in the first steps
 # (4 steps: 83.7); what follows on WikiText-2 fits the student to that text, not to sentences, so a
 # smaller step keeps more (lr 1e-3: 83.2, 5e-4: 83.5, 2e-4: 83.9). So L_cos alone, on clean text
