@@ -25,9 +25,9 @@ and its Table 4 ablations (each term off in turn, random init).
 
 Each finished row is one JSON line in --results (rows already there are skipped): its commands, the
 commit, the minutes, every seed's score and the pretraining's last losses. A row there with fewer
-seeds than --pretrain-seeds asks is extended in place, at the commit it ran at (--code-commit). Every command holds
-/tmp/tinydistil-cpu.lock while it runs; students whose folder is complete are reused, so a stopped
-row continues from its last finished seed.
+seeds than --pretrain-seeds asks is extended in place, at the commit it ran at (--code-commit).
+Every command holds /tmp/tinydistil-cpu.lock while it runs; students whose folder is complete are
+reused, so a stopped row continues from its last finished seed.
 """
 import json
 import shutil
@@ -338,13 +338,9 @@ def main(cfg: StsStudyConfig):
                             f"{earlier['commit'][:12]}: add them with --code-commit "
                             f"{earlier['commit'][:12]}, or remove its line to rerun it whole")
         print(f"{name}: {ROWS[name][0]} ...", flush=True)
-        done[name] = run_row(name, cfg, env, sst2_done, earlier)
-        if earlier:  # the row's line replaced, in place
-            atomic_write(results, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
-        else:
-            with open(results, "a", encoding="utf-8") as f:
-                f.write(json.dumps(done[name]) + "\n")
-        line = done[name]
+        line = done[name] = run_row(name, cfg, env, sst2_done, earlier)
+        # every finished row, one line each (an extended row's line replaced where it was)
+        atomic_write(results, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
         s = line["stsb"]
         print(f"{name}: STS-B {100 * s['median']:.2f} (spread {100 * s['spread']:.2f}), "
               f"{line['minutes']} min", flush=True)
