@@ -25,7 +25,8 @@ and its Table 4 ablations (each term off in turn, random init).
 
 Each finished row is one JSON line in --results (rows already there are skipped): its commands, the
 commit, the minutes, every seed's score and the pretraining's last losses. A row there with fewer
-seeds than --pretrain-seeds asks is extended in place, at the commit it ran at (--code-commit).
+seeds than --pretrain-seeds asks, or without SST-2 (run with --sst2-seeds 0) when --sst2-seeds is
+above 0, is extended in place, at the commit it ran at (--code-commit).
 Every command holds /tmp/tinydistil-cpu.lock while it runs; students whose folder is complete are
 reused, so a stopped row continues from its last finished seed.
 """
@@ -207,8 +208,9 @@ def seeds_of(name, env) -> list:
 def run_row(name, cfg, env, done_before, earlier=None):
     """Pretrain the row's student once per seed (unless the teacher), score each zero-shot on
     STS-B, and the first seed's on SST-2 (or take a retention.jsonl row's score). Its line.
-    earlier: the row's line from a run with fewer seeds, at this commit: its seeds are kept, and
-    its SST-2 score (of the same first student), and only the missing seeds run."""
+    earlier: the row's line from a run with fewer seeds or without SST-2, at this commit: its
+    seeds are kept, and its SST-2 score (of the same first student), and only what is missing
+    runs."""
     what, flags, teacher_kind, sst2_row = ROWS[name]
     teacher = one_step_head(env) if teacher_kind == "one-step head" else env[teacher_kind]
     runs = list(earlier["stsb"]["runs"]) if earlier else []
@@ -318,6 +320,14 @@ def table(rows):
     return "\n".join(out)
 
 
+def missing(line, name, cfg, env) -> str:
+    """What a finished row lacks of what this run asks ("" if nothing): pretraining seeds, or the
+    SST-2 score of a row run with --sst2-seeds 0."""
+    if not {r["seed"] for r in line["stsb"]["runs"]} >= set(seeds_of(name, env)):
+        return "seeds"
+    return "SST-2" if cfg.sst2_seeds > 0 and not line.get("sst2") else ""
+
+
 def main(cfg: StsStudyConfig):
     results = Path(cfg.results) if cfg.results else ROOT / "studies" / "retention_sts.jsonl"
     if cfg.table:
@@ -330,12 +340,12 @@ def main(cfg: StsStudyConfig):
     sst2_done = {} if cfg.tiny else read_rows(ROOT / "studies" / "retention.jsonl")
     for name in names:
         earlier = done.get(name)
-        if earlier and {r["seed"] for r in earlier["stsb"]["runs"]} >= set(seeds_of(name, env)):
+        if earlier and not missing(earlier, name, cfg, env):
             print(f"{name}: done, skipped")
             continue
         if earlier and earlier["commit"] != env["sha"]:
-            raise UserError(f"row {name} has fewer seeds than asked, run at commit "
-                            f"{earlier['commit'][:12]}: add them with --code-commit "
+            raise UserError(f"row {name} lacks {missing(earlier, name, cfg, env)}, run at commit "
+                            f"{earlier['commit'][:12]}: add it with --code-commit "
                             f"{earlier['commit'][:12]}, or remove its line to rerun it whole")
         print(f"{name}: {ROWS[name][0]} ...", flush=True)
         line = done[name] = run_row(name, cfg, env, sst2_done, earlier)
