@@ -100,6 +100,10 @@ ROWS = {
                        "teacher", None),
     "cos-hid-clean": ("L_cos + L_hid on unmasked input", loss_flags(0, 0, 1, hid=1, mask=0),
                       "teacher", None),
+    # L_hid at 5e-4 beat L_cos alone at 5e-4 at every seed: does it add at the default's lr?
+    "cos-hid-clean-lr2e-4": ("L_cos + L_hid on unmasked input at the head-less default's lr 2e-4",
+                             loss_flags(0, 0, 1, hid=1, mask=0) + ["--lr", "2e-4"], "teacher",
+                             None),
     "default-s32": ("the head-less default on 32-token chunks (sentence-length, as STS-B's)",
                     ["--seq-len", "32"], "teacher", None),
     "default-stsb-train": ("the head-less default on STS-B's training sentences (not the dev "
