@@ -26,9 +26,9 @@ and its Table 4 ablations (each term off in turn, random init).
 Each finished row is one JSON line in --results (rows already there are skipped): its commands, the
 commit, the minutes, every seed's score and the pretraining's last losses. A row there with fewer
 seeds than --pretrain-seeds asks, or without SST-2 (run with --sst2-seeds 0) when --sst2-seeds is
-above 0, is extended in place, at the commit it ran at (--code-commit).
-Every command holds /tmp/tinydistil-cpu.lock while it runs; students whose folder is complete are
-reused, so a stopped row continues from its last finished seed.
+above 0, is extended in place, at the commit it ran at (--code-commit). Every command holds
+/tmp/tinydistil-cpu.lock while it runs; students whose folder is complete are reused, so a stopped
+row continues from its last finished seed.
 """
 import json
 import shutil
@@ -345,11 +345,12 @@ def main(cfg: StsStudyConfig):
     sst2_done = {} if cfg.tiny else read_rows(ROOT / "studies" / "retention.jsonl")
     for name in names:
         earlier = done.get(name)
-        if earlier and not missing(earlier, name, cfg, env):
+        lacks = missing(earlier, name, cfg, env) if earlier else None
+        if lacks == "":
             print(f"{name}: done, skipped")
             continue
         if earlier and earlier["commit"] != env["sha"]:
-            raise UserError(f"row {name} lacks {missing(earlier, name, cfg, env)}, run at commit "
+            raise UserError(f"row {name} lacks {lacks}, run at commit "
                             f"{earlier['commit'][:12]}: add it with --code-commit "
                             f"{earlier['commit'][:12]}, or remove its line to rerun it whole")
         print(f"{name}: {ROWS[name][0]} ...", flush=True)
